@@ -1,0 +1,379 @@
+"""Which coordinates get ``alpha``: the K largest alignment scores of a scope.
+
+Definition (the reference semantics every path reproduces exactly): within a scope
+of ``N`` elements, rank scores in descending order, NaN lowest and ``-0.0 == +0.0``;
+ties go to the lower flat index of the original tensor (for ``scope="global"``: the
+lower ``(tensor_id, flat index)``).  The first ``K = floor(mask_ratio * N)`` get
+``alpha``, the rest ``gamma``.
+
+How it is computed
+------------------
+* A scope held whole on this rank: the K-th largest value ``t`` (``numpy`` introselect
+  on CPU, ``torch.kthvalue`` elsewhere), then ``mask = s >= t``; only when more than
+  the needed number of elements equal ``t`` is a prefix count over the ties done.
+  No ``topk`` + scatter: a threshold and an elementwise compare are O(N).
+* A scope split across ranks: radix select on order-preserving integer keys.  Per
+  pass every rank histograms one byte of the keys that still match the prefix (256
+  bins per split tensor), one ``all_reduce`` carries the histograms of *all* split
+  tensors together, and the prefix grows by a byte.  Four passes for fp32 keys (eight
+  for fp64), then the exact K-th key is known on every rank; ties at it are resolved
+  by a global prefix count only when they exceed what is needed.  Communication per
+  step is ``passes x 256 x n_split`` integers whatever the tensors' size.
+
+Every rank enters every collective: the set of split tensors comes from
+``Layout.collective`` (identical on all ranks), not from which gradients exist.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .layout import Layout, Segment
+
+__all__ = [
+    "SCOPES",
+    "num_selected",
+    "topk_mask_",
+    "select_masks",
+    "collective_group",
+    "float_keys",
+]
+
+SCOPES = ("tensor", "shard", "global", "global_approx")
+
+
+def num_selected(mask_ratio: float, n: int) -> int:
+    """K = floor(mask_ratio * N), computed so that e.g. 0.3 * 10 gives 3, not 2."""
+    k = math.floor(mask_ratio * n + 1e-9 * max(n, 1))
+    return max(0, min(n, k))
+
+
+# --------------------------------------------------------------------------- keys
+def float_keys(s: torch.Tensor) -> torch.Tensor:
+    """Order-preserving signed integer keys of float scores (int32 for <= 32-bit
+    floats, int64 for float64): ``a < b  <=>  key(a) < key(b)``, with ``-0.0`` mapped
+    to ``+0.0`` and every NaN to the smallest key, so NaN ranks lowest."""
+    if s.dtype == torch.float64:
+        ity, sign_free = torch.int64, 0x7FFFFFFFFFFFFFFF
+    else:
+        s = s.float()
+        ity, sign_free = torch.int32, 0x7FFFFFFF
+    s = s + 0.0  # IEEE: -0.0 + 0.0 == +0.0
+    bits = s.view(ity)
+    # negative floats order reversed in their magnitude bits: flip them.
+    keys = bits ^ ((bits >> (bits.element_size() * 8 - 1)) & sign_free)
+    return keys.masked_fill_(torch.isnan(s), torch.iinfo(ity).min)
+
+
+def _key_to_float(key: int, dtype: torch.dtype) -> float:
+    ity, sign_free = (torch.int64, 0x7FFFFFFFFFFFFFFF) if dtype == torch.float64 else (torch.int32, 0x7FFFFFFF)
+    k = torch.tensor(key, dtype=ity)
+    bits = k ^ ((k >> (k.element_size() * 8 - 1)) & sign_free)
+    return bits.view(torch.float64 if dtype == torch.float64 else torch.float32).item()
+
+
+# ----------------------------------------------------------------- local selection
+def _kth_largest(s: torch.Tensor, k: int, scratch: Optional[torch.Tensor]) -> float:
+    """Value of the k-th largest element (1 <= k <= n) with NaN treated as -inf."""
+    n = s.numel()
+    if s.device.type == "cpu":
+        buf = scratch if scratch is not None and scratch.numel() >= n and scratch.dtype == s.dtype else torch.empty(
+            n, dtype=s.dtype)
+        buf = buf[:n]
+        torch.nan_to_num(s.reshape(-1), nan=-math.inf, out=buf)
+        arr = buf.numpy()
+        arr.partition(n - k)  # introselect in place: O(n), ~1-2 ns an element
+        return float(arr[n - k])
+    return torch.kthvalue(torch.nan_to_num(s.reshape(-1), nan=-math.inf), n - k + 1).values.item()
+
+
+def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep only the first ``count`` True entries of a flat bool mask (in place)."""
+    if count <= 0:
+        return mask.zero_()
+    csum = torch.cumsum(mask, 0, dtype=torch.int64)
+    return mask.logical_and_(csum <= count)
+
+
+def topk_mask_(s: torch.Tensor, k: int, out: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Write into the flat bool ``out`` exactly ``k`` True entries: the k largest of
+    the flat scores ``s`` (NaN lowest, ties to the lower index)."""
+    n = s.numel()
+    if k <= 0:
+        return out.zero_()
+    if k >= n:
+        return out.fill_(True)
+    t = _kth_largest(s, k, scratch)
+    if t == -math.inf:
+        # The selection reaches into -inf / NaN scores, where "NaN below -inf" matters:
+        # rank on exact integer keys instead.
+        keys = float_keys(s)
+        kt = torch.kthvalue(keys, n - k + 1).values
+        torch.gt(keys, kt, out=out)
+        need = k - int(out.sum())
+        return out.logical_or_(_first_true(keys == kt, need))
+    torch.ge(s, t, out=out)  # NaN >= t is False: NaN ranks lowest
+    n_ge = int(out.sum())
+    if n_ge != k:  # more elements equal t than needed: lower index wins
+        torch.gt(s, t, out=out)
+        need = k - int(out.sum())
+        out.logical_or_(_first_true(s == t, need))
+    return out
+
+
+# ------------------------------------------------------------ distributed radix
+def collective_group(layouts: Sequence[Layout]):
+    """The one process group over which the collective tensors of a param group are
+    resolved (None: the default group)."""
+    groups = {id(l.group): l.group for l in layouts if l.collective or l.group is not None}
+    if len(groups) > 1:
+        raise ValueError(
+            "all parameters of one param group must share one process group in their layouts "
+            f"(found {len(groups)} different groups); put differently-sharded params in separate param groups"
+        )
+    return next(iter(groups.values())) if groups else None
+
+
+def _world(group) -> int:
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+@dataclass
+class _Piece:
+    scores: torch.Tensor  # flat view of local scores
+    mask: torch.Tensor  # flat bool view to write
+    order: Tuple  # tie-break position, comparable across ranks: (global_start,) or (tensor_id, global_start)
+    keys: Optional[torch.Tensor] = None
+
+    def key_view(self) -> torch.Tensor:
+        if self.keys is None:
+            self.keys = float_keys(self.scores)
+        return self.keys
+
+
+def _radix_kth(
+    unit_pieces: List[List[_Piece]], unit_k: List[int], group, dtype: torch.dtype
+) -> None:
+    """Exact distributed top-K for several units at once; writes the masks of the pieces.
+
+    ``unit_pieces[j]`` are this rank's pieces of unit j (possibly none); ``unit_k[j]`` is
+    K of the whole unit.  All ranks call with the same number of units in the same order.
+    """
+    m = len(unit_k)
+    if m == 0:
+        return
+    wide = dtype == torch.float64
+    nbytes = 8 if wide else 4
+    keys = []
+    for pieces in unit_pieces:
+        if pieces:
+            keys.append(torch.cat([p.key_view() for p in pieces]) if len(pieces) > 1 else pieces[0].key_view())
+        else:
+            keys.append(torch.empty(0, dtype=torch.int64 if wide else torch.int32))
+    # Bytes are read from (key ^ sign bit) as unsigned, most significant first, so that byte
+    # order is key order: for the top byte that is ((key >> shift) & 255) ^ 128.
+    prefix = [0] * m
+    k_rem = list(unit_k)
+    cand = keys  # keys still matching the prefix
+    tie_total = [0] * m
+    for p in range(nbytes):
+        shift = 8 * (nbytes - 1 - p)
+        hist = torch.zeros(m, 256, dtype=torch.int64)
+        for j in range(m):
+            c = cand[j]
+            if c.numel() == 0 or k_rem[j] <= 0:
+                continue
+            byte = (c >> shift) & 255
+            if p == 0:
+                byte = byte ^ 128  # sign bit: negative keys first
+            hist[j] = torch.bincount(byte.to(torch.int64), minlength=256)
+        if _world(group) > 1:  # every rank holds the same units: all enter
+            dist.all_reduce(hist, group=group)
+        for j in range(m):
+            if k_rem[j] <= 0:
+                continue
+            h = hist[j].tolist()
+            acc = 0
+            for b in range(255, -1, -1):  # largest byte first
+                if acc + h[b] >= k_rem[j]:
+                    break
+                acc += h[b]
+            k_rem[j] -= acc
+            prefix[j] = (prefix[j] << 8) | b
+            tie_total[j] = h[b]
+            c = cand[j]
+            if c.numel():
+                byte = (c >> shift) & 255
+                if p == 0:
+                    byte = byte ^ 128
+                cand[j] = c[byte == b]
+    # Threshold key per unit (signed), number of ties to take.
+    thresholds = []
+    for j in range(m):
+        if unit_k[j] <= 0:
+            thresholds.append(None)
+            continue
+        u = prefix[j]
+        top = 1 << (8 * nbytes - 1)
+        signed = u - top  # undo the sign-bit flip of the top byte
+        thresholds.append(signed)
+    # Units whose ties exceed the number needed: a global prefix count over positions.
+    tied = [j for j in range(m) if thresholds[j] is not None and tie_total[j] > k_rem[j]]
+    local_ties: Dict[int, List[Tuple[Tuple, int]]] = {}
+    for j in range(m):
+        for piece in unit_pieces[j]:
+            if thresholds[j] is None:
+                piece.mask.zero_()
+                continue
+            pk = piece.key_view()
+            if j in tied:
+                torch.gt(pk, thresholds[j], out=piece.mask)
+            else:
+                torch.ge(pk, thresholds[j], out=piece.mask)
+            if j in tied:
+                local_ties.setdefault(j, []).append((piece.order, int((pk == thresholds[j]).sum())))
+    if tied:
+        mine = [(j, order, cnt) for j in tied for order, cnt in local_ties.get(j, [])]
+        if _world(group) > 1:
+            gathered: List = [None] * _world(group)
+            dist.all_gather_object(gathered, mine, group=group)
+            everything = [x for part in gathered for x in part]
+        else:
+            everything = mine
+        for j in tied:
+            for piece in unit_pieces[j]:
+                before = sum(cnt for jj, order, cnt in everything if jj == j and order < piece.order)
+                take = min(max(k_rem[j] - before, 0), k_rem[j])
+                pk = piece.key_view()
+                piece.mask.logical_or_(_first_true(pk == thresholds[j], take))
+
+
+# --------------------------------------------------------------------- scopes
+@dataclass
+class Entry:
+    """One local buffer of a param group: its layout, and (when it has a gradient) its
+    flat scores and the flat bool mask to fill."""
+
+    layout: Layout
+    scores: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+
+
+def _distributed(entries: Sequence[Entry], group) -> bool:
+    """Whether this param group resolves its scope with the other ranks.  Decided from the
+    layouts' structure only, so that every rank decides alike."""
+    return _world(group) > 1 and any(e.layout.group is not None or e.layout.collective for e in entries)
+
+
+def select_masks(entries: Sequence[Entry], mask_ratio: float, scope: str, scratch: Optional[torch.Tensor] = None) -> None:
+    """Fill ``entry.mask`` for every entry with scores, following ``scope``.
+
+    Must be called on every rank of the layouts' group, with entries for every buffer of
+    the param group (also those without gradient: ``scores=None``)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    for e in entries:
+        if e.mask is not None:
+            e.mask.zero_()  # padding (no segment) is never selected
+    if scope == "shard":
+        for e in entries:
+            if e.scores is None:
+                continue
+            for seg in e.layout.segments:
+                sl = slice(seg.local_start, seg.local_start + seg.length)
+                topk_mask_(e.scores[sl], num_selected(mask_ratio, seg.length), e.mask[sl], scratch)
+        return
+    group = collective_group([e.layout for e in entries])
+    if scope == "tensor":
+        _select_tensor_scope(entries, mask_ratio, group, scratch)
+    elif scope == "global":
+        _select_global_scope(entries, mask_ratio, group, scratch)
+    else:
+        _select_global_approx(entries, mask_ratio, group, scratch)
+
+
+def _score_dtype(entries: Sequence[Entry]) -> torch.dtype:
+    dts = {e.scores.dtype for e in entries if e.scores is not None}
+    return torch.float64 if torch.float64 in dts else torch.float32
+
+
+def _select_tensor_scope(entries, mask_ratio, group, scratch) -> None:
+    collective: Dict[Hashable, int] = {}
+    for e in entries:
+        for tid, numel in e.layout.collective:
+            prev = collective.setdefault(tid, numel)
+            assert prev == numel, f"tensor {tid!r} listed with two sizes ({prev}, {numel})"
+    units = sorted(collective)
+    index = {t: j for j, t in enumerate(units)}
+    unit_pieces: List[List[_Piece]] = [[] for _ in units]
+    for e in entries:
+        for seg in e.layout.segments:
+            if e.scores is None or seg.length == 0:
+                continue
+            sl = slice(seg.local_start, seg.local_start + seg.length)
+            if seg.tensor_id in index:
+                unit_pieces[index[seg.tensor_id]].append(_Piece(e.scores[sl], e.mask[sl], (seg.global_start,)))
+            else:
+                assert seg.is_whole, f"segment {seg} is split but its tensor is not in Layout.collective"
+                topk_mask_(e.scores[sl], num_selected(mask_ratio, seg.length), e.mask[sl], scratch)
+    if units:
+        ks = [num_selected(mask_ratio, collective[t]) for t in units]
+        _radix_kth(unit_pieces, ks, group, _score_dtype(entries))
+
+
+def _select_global_scope(entries, mask_ratio, group, scratch) -> None:
+    pieces = []
+    for e in entries:
+        if e.scores is None:
+            continue
+        for seg in e.layout.segments:
+            if seg.length:
+                sl = slice(seg.local_start, seg.local_start + seg.length)
+                pieces.append(_Piece(e.scores[sl], e.mask[sl], (seg.tensor_id, seg.global_start)))
+    pieces.sort(key=lambda p: p.order)
+    if _distributed(entries, group):
+        # N of the whole group: each element counted once, on the rank that holds it.
+        n_local = torch.tensor([sum(int(p.scores.numel()) for p in pieces)], dtype=torch.int64)
+        dist.all_reduce(n_local, group=group)
+        _radix_kth([pieces], [num_selected(mask_ratio, int(n_local))], group, _score_dtype(entries))
+        return
+    if not pieces:
+        return
+    flat = torch.cat([p.scores.reshape(-1) for p in pieces])
+    mask = torch.empty(flat.numel(), dtype=torch.bool)
+    topk_mask_(flat, num_selected(mask_ratio, flat.numel()), mask, scratch)
+    off = 0
+    for p in pieces:
+        n = p.scores.numel()
+        p.mask.copy_(mask[off:off + n])
+        off += n
+
+
+def _select_global_approx(entries, mask_ratio, group, scratch) -> None:
+    """Opt-in approximation: each rank's local K-th value, averaged over ranks with one
+    all_reduce; every element with a score >= that average is selected.  K is only
+    approximately met; no tie-breaking."""
+    flats = [e.scores.reshape(-1) for e in entries if e.scores is not None and e.scores.numel()]
+    n = sum(f.numel() for f in flats)
+    k = num_selected(mask_ratio, n)
+    stat = torch.zeros(2, dtype=torch.float64)
+    if n and k:
+        flat = torch.cat(flats) if len(flats) > 1 else flats[0]
+        t = _kth_largest(flat, k, scratch)
+        if math.isfinite(t):
+            stat[0], stat[1] = t, 1.0
+    if _distributed(entries, group):
+        dist.all_reduce(stat, group=group)
+    t = stat[0].item() / stat[1].item() if stat[1] > 0 else math.inf
+    for e in entries:
+        if e.scores is not None:
+            for seg in e.layout.segments:
+                sl = slice(seg.local_start, seg.local_start + seg.length)
+                torch.ge(e.scores[sl], t, out=e.mask[sl])
