@@ -244,3 +244,67 @@ def apply_update(
         if weight_decay != 0:
             p.mul_(decay[i])
         p.addcmul_(updates[i], phis[i], value=steps[i])
+
+
+# ----------------------------------------------------------------------------- compiled
+# The same math as above, fused by torch.compile (inductor) into one pass per phase over
+# flat 1-D views, for whole tensors.  Phase 1 also writes a NaN-free copy of the scores
+# (``scratch``) that the threshold search partitions in place; phase 3 takes the K-th
+# score ``t`` and applies phi = alpha if s >= t else gamma on the fly, so neither a mask
+# nor phi is ever materialised.  Scalars travel as 0-d tensors so that a changing lr or
+# step count never triggers a recompilation; ``dynamic=True`` gives one graph for all sizes.
+
+def _adamw_k1(g, m, v, u, s, scratch, beta1, beta2, bc1, bc2, eps):
+    m2 = m * beta1 + g * (1 - beta1)
+    v2 = v * beta2 + g * g * (1 - beta2)
+    uu = m2 / (torch.sqrt(v2 / bc2) + eps) / bc1
+    ss = (uu * g).to(s.dtype)
+    m.copy_(m2)
+    v.copy_(v2)
+    u.copy_(uu)
+    s.copy_(ss)
+    scratch.copy_(torch.nan_to_num(ss, nan=float("-inf")))
+
+
+def _lion_k1(g, m, u, s, scratch, beta1, beta2):
+    uu = torch.sign(m * beta1 + g * (1 - beta1))
+    ss = (uu * g).to(s.dtype)
+    m.copy_(m * beta2 + g * (1 - beta2))
+    u.copy_(uu)
+    s.copy_(ss)
+    scratch.copy_(torch.nan_to_num(ss, nan=float("-inf")))
+
+
+def _apply_threshold_k2(p, u, s, t, alpha, gamma, lr, decay):
+    phi = torch.where(s >= t, alpha, gamma)
+    p.copy_((p * decay - lr * phi * u).to(p.dtype))
+
+
+def _adamw_cautious_k(p, g, m, v, beta1, beta2, bc1, bc2, eps, alpha, gamma, lr, decay):
+    m2 = m * beta1 + g * (1 - beta1)
+    v2 = v * beta2 + g * g * (1 - beta2)
+    uu = m2 / (torch.sqrt(v2 / bc2) + eps) / bc1
+    phi = torch.where(uu * g > 0, alpha, gamma)
+    m.copy_(m2)
+    v.copy_(v2)
+    p.copy_((p * decay - lr * phi * uu).to(p.dtype))
+
+
+def _lion_cautious_k(p, g, m, beta1, beta2, alpha, gamma, lr, decay):
+    uu = torch.sign(m * beta1 + g * (1 - beta1))
+    phi = torch.where(uu * g > 0, alpha, gamma)
+    m.copy_(m * beta2 + g * (1 - beta2))
+    p.copy_((p * decay - lr * phi * uu).to(p.dtype))
+
+
+_COMPILED = {}
+
+
+def compiled(name: str):
+    """The torch.compile'd kernel ``name`` (compiled once per process, cached on disk by
+    inductor when TORCHINDUCTOR_CACHE_DIR is set)."""
+    fn = _COMPILED.get(name)
+    if fn is None:
+        fn = torch.compile(globals()[name], dynamic=True, fullgraph=True)
+        _COMPILED[name] = fn
+    return fn

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from .layout import Layout, whole_layout
-from .selection import SCOPES, Entry, collective_group, num_selected, select_masks
+from .selection import SCOPES, Entry, collective_group, kth_and_unique, num_selected, select_masks, topk_mask_
 
 __all__ = [
     "MODES",
@@ -95,6 +95,8 @@ def _mgup_options(group: Dict[str, Any], where: str) -> None:
         raise ValueError(f"normalize must be True or False, got {group.get('normalize')!r}{where}")
     if group.get("foreach") not in (None, True, False):
         raise ValueError(f"foreach must be None, True or False, got {group.get('foreach')!r}{where}")
+    if group.setdefault("compile", False) not in (True, False):
+        raise ValueError(f"compile must be True or False, got {group.get('compile')!r}{where}")
 
 
 class _MGUPOptimizer(Optimizer):
@@ -131,7 +133,7 @@ class _MGUPOptimizer(Optimizer):
         self.__dict__.setdefault("_ws", {})
         self.__dict__.setdefault("fp32_state", False)
         for group in self.param_groups:
-            for key, val in (("mode", "topk"), ("scope", "tensor"), ("normalize", False), ("foreach", None)):
+            for key, val in (("mode", "topk"), ("scope", "tensor"), ("normalize", False), ("foreach", None), ("compile", False)):
                 group.setdefault(key, val)
 
     # -- layouts --------------------------------------------------------------------------
@@ -234,8 +236,20 @@ class _MGUPOptimizer(Optimizer):
             live = [e for e in entries if e.scores is not None]
             F.cautious_masks([e.scores for e in live], [e.mask for e in live])
         else:
-            select_masks(entries, group["mask_ratio"], group["scope"])
+            select_masks(entries, group["mask_ratio"], group["scope"], self._shared_scratch(scores))
         return entries
+
+    def _shared_scratch(self, scores) -> Optional[torch.Tensor]:
+        """One reusable buffer for the threshold search of every tensor of a step."""
+        if not scores:
+            return None
+        n = max(s.numel() for s in scores)
+        dtype, device = scores[0].dtype, scores[0].device
+        buf = self._ws.get("shared_scratch")
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self._ws["shared_scratch"] = buf
+        return buf
 
     def _normalize(self, group, entries: List[Entry], phis: List[torch.Tensor]) -> None:
         """Liang et al.'s Cautious normalisation: phi /= max(mean(phi), 1e-3), the mean over
@@ -272,6 +286,53 @@ class _MGUPOptimizer(Optimizer):
             mean = (alpha * cnt + gamma * (n - cnt)) / n
             phi[seg.local_start: seg.local_start + seg.length].div_(max(mean, 1e-3))
 
+    def _compiled_ok(self, group, items) -> bool:
+        """The fused compiled kernels cover whole tensors with per-tensor top-K or the sign
+        rule, without normalisation; everything else takes the general path."""
+        return (
+            group["compile"]
+            and not group["normalize"]
+            and (group["mode"] == "cautious" or group["scope"] in ("tensor", "shard"))
+            and all(lay.covers_whole_buffer for _, lp, lg, lay in items if lg is not None and lp.numel())
+        )
+
+    def _scratch(self, p, local):
+        ws = self._ws.get(("scratch", id(p)))
+        score_dtype = torch.float64 if local.dtype == torch.float64 else torch.float32
+        if ws is None or ws.numel() != local.numel() or ws.dtype != score_dtype:
+            ws = torch.empty(local.numel(), dtype=score_dtype, device=local.device)
+            self._ws[("scratch", id(p))] = ws
+        return ws
+
+    def _run_compiled(self, group, items, phase1, cautious) -> None:
+        """Fused path: per tensor, phase 1 in one kernel (``phase1(p, g, u, s, scratch)``),
+        the K-th score by introselect, phase 3 in one kernel; in cautious mode the whole
+        step is one kernel (``cautious(p, pflat, gflat, consts)``).  A tensor whose
+        threshold is tied across the K boundary, reaches -inf/NaN, or has K in {0, N} is
+        finished by the general mask path, so the selection is the same."""
+        lr = _lr_value(group["lr"])
+        consts = tuple(_t32(x) for x in (group["alpha"], group["gamma"], lr, 1 - lr * group["weight_decay"]))
+        for p, lp, lg, lay in items:
+            if lg is None or lp.numel() == 0:
+                continue
+            pf, gf = lp.reshape(-1), lg.reshape(-1)
+            if group["mode"] == "cautious":
+                cautious(p, pf, gf, consts)
+                continue
+            u, sc, mk, phi = (t.reshape(-1) for t in self._workspace(p, lp, self._state_dtype(lp)))
+            scratch = self._scratch(p, lp)
+            phase1(p, gf, u, sc, scratch)
+            n = lp.numel()
+            k = num_selected(group["mask_ratio"], n)
+            if 0 < k < n:
+                t, unique = kth_and_unique(scratch, k)
+                if unique and t != -math.inf:
+                    F.compiled("_apply_threshold_k2")(pf, u, sc, _t32(t), *consts)
+                    continue
+            topk_mask_(sc, k, mk, scratch)
+            F.fill_phi([mk], [phi], group["alpha"], group["gamma"])
+            F.apply_update([pf], [u], [phi], lrs=[lr], weight_decay=group["weight_decay"], foreach=False)
+
     def _run(self, group, items, direction) -> None:
         """The three phases for one param group."""
         with_grad = [it for it in items if it[2] is not None]
@@ -293,6 +354,11 @@ class _MGUPOptimizer(Optimizer):
 
 def _lr_value(lr) -> float:
     return lr.item() if isinstance(lr, torch.Tensor) else float(lr)
+
+
+def _t32(x: float) -> torch.Tensor:
+    """A 0-d scalar for the compiled kernels: a changing value never recompiles them."""
+    return torch.tensor(x, dtype=torch.float64)
 
 
 class MGUPAdamW(_MGUPOptimizer):
@@ -323,11 +389,12 @@ class MGUPAdamW(_MGUPOptimizer):
         scope: str = "tensor",
         normalize: bool = False,
         foreach: Optional[bool] = None,
+        compile: bool = False,
         fp32_state: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mode=mode, mask_ratio=mask_ratio,
-            alpha=alpha, gamma=gamma, tau=tau, scope=scope, normalize=normalize, foreach=foreach,
+            alpha=alpha, gamma=gamma, tau=tau, scope=scope, normalize=normalize, foreach=foreach, compile=compile,
         )
         super().__init__(params, defaults, fp32_state)
 
@@ -364,6 +431,27 @@ class MGUPAdamW(_MGUPOptimizer):
         for p, lp, lg, _ in items:
             if lg is not None:
                 self._init_adamw_state(p, self.state[p])
+        if self._compiled_ok(group, items):
+            b1, b2 = _t32(group["betas"][0]), _t32(group["betas"][1])
+            eps = _t32(group["eps"])
+
+            def moments(p):
+                st = self.state[p]
+                st["step"].add_(1)
+                t = st["step"].item()
+                bc = (_t32(1 - group["betas"][0] ** t), _t32(1 - group["betas"][1] ** t))
+                return _local(st["exp_avg"]).reshape(-1), _local(st["exp_avg_sq"]).reshape(-1), bc
+
+            def phase1(p, g, u, s, scratch):
+                m, v, (bc1, bc2) = moments(p)
+                F.compiled("_adamw_k1")(g, m, v, u, s, scratch, b1, b2, bc1, bc2, eps)
+
+            def cautious(p, pf, gf, consts):
+                m, v, (bc1, bc2) = moments(p)
+                F.compiled("_adamw_cautious_k")(pf, gf, m, v, b1, b2, bc1, bc2, eps, *consts)
+
+            self._run_compiled(group, items, phase1, cautious)
+            return
         self._run(group, items, self._adamw_direction(group))
 
 
@@ -398,11 +486,12 @@ class MGUPLion(_MGUPOptimizer):
         scope: str = "tensor",
         normalize: bool = False,
         foreach: Optional[bool] = None,
+        compile: bool = False,
         fp32_state: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, mode=mode, mask_ratio=mask_ratio, alpha=alpha,
-            gamma=gamma, tau=tau, scope=scope, normalize=normalize, foreach=foreach,
+            gamma=gamma, tau=tau, scope=scope, normalize=normalize, foreach=foreach, compile=compile,
         )
         super().__init__(params, defaults, fp32_state)
 
@@ -416,6 +505,17 @@ class MGUPLion(_MGUPOptimizer):
             if lg is not None and len(self.state[p]) == 0:
                 self.state[p]["exp_avg"] = self._zeros_state(p)
         beta1, beta2 = group["betas"]
+        if self._compiled_ok(group, items):
+            b1, b2 = _t32(beta1), _t32(beta2)
+
+            def phase1(p, g, u, s, scratch):
+                F.compiled("_lion_k1")(g, _local(self.state[p]["exp_avg"]).reshape(-1), u, s, scratch, b1, b2)
+
+            def cautious(p, pf, gf, consts):
+                F.compiled("_lion_cautious_k")(pf, gf, _local(self.state[p]["exp_avg"]).reshape(-1), b1, b2, *consts)
+
+            self._run_compiled(group, items, phase1, cautious)
+            return
 
         def run(with_grad, updates, scores, foreach):
             F.lion_direction(
@@ -460,6 +560,7 @@ class MGUPMuon(MGUPAdamW):
         scope: str = "tensor",
         normalize: bool = False,
         foreach: Optional[bool] = None,
+        compile: bool = False,
         fp32_state: bool = False,
     ):
         self._adamw_ids = {id(p) for p in (adamw_params or [])}
@@ -472,7 +573,7 @@ class MGUPMuon(MGUPAdamW):
         _Optimizer_init_check_ns(ns_steps, momentum, nesterov)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mode=mode, mask_ratio=mask_ratio,
-            alpha=alpha, gamma=gamma, tau=tau, scope=scope, normalize=normalize, foreach=foreach,
+            alpha=alpha, gamma=gamma, tau=tau, scope=scope, normalize=normalize, foreach=foreach, compile=compile,
             momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, use_muon=None,
         )
         _MGUPOptimizer.__init__(self, params, defaults, fp32_state)

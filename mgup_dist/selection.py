@@ -42,6 +42,7 @@ __all__ = [
     "select_masks",
     "collective_group",
     "float_keys",
+    "kth_and_unique",
 ]
 
 SCOPES = ("tensor", "shard", "global", "global_approx")
@@ -78,18 +79,28 @@ def _key_to_float(key: int, dtype: torch.dtype) -> float:
 
 
 # ----------------------------------------------------------------- local selection
-def _kth_largest(s: torch.Tensor, k: int, scratch: Optional[torch.Tensor]) -> float:
-    """Value of the k-th largest element (1 <= k <= n) with NaN treated as -inf."""
+def kth_and_unique(scratch: torch.Tensor, k: int) -> Tuple[float, bool]:
+    """For NaN-free flat scores in ``scratch`` (reordered in place) and 1 <= k <= n, return
+    ``(t, unique)``: t is the k-th largest value; unique means exactly k elements are
+    >= t (no tie across the K boundary), so ``s >= t`` selects exactly the top k.
+    Introselect leaves the k largest after index n-k, hence unique <=> max(rest) < t:
+    one read of the rest instead of a counting pass."""
+    n = scratch.numel()
+    if scratch.device.type == "cpu":
+        a = scratch.numpy()
+        a.partition(n - k)  # O(n) introselect, ~1-2 ns an element
+        t = a[n - k]
+        return float(t), bool(n == k or a[: n - k].max() < t)
+    t = torch.kthvalue(scratch, n - k + 1).values.item()
+    return t, bool(n == k or torch.kthvalue(scratch, n - k).values.item() < t)
+
+
+def nan_free_copy(s: torch.Tensor, scratch: Optional[torch.Tensor]) -> torch.Tensor:
+    """``s`` flattened with NaN -> -inf, written into ``scratch`` when it fits."""
     n = s.numel()
-    if s.device.type == "cpu":
-        buf = scratch if scratch is not None and scratch.numel() >= n and scratch.dtype == s.dtype else torch.empty(
-            n, dtype=s.dtype)
-        buf = buf[:n]
-        torch.nan_to_num(s.reshape(-1), nan=-math.inf, out=buf)
-        arr = buf.numpy()
-        arr.partition(n - k)  # introselect in place: O(n), ~1-2 ns an element
-        return float(arr[n - k])
-    return torch.kthvalue(torch.nan_to_num(s.reshape(-1), nan=-math.inf), n - k + 1).values.item()
+    if scratch is None or scratch.numel() < n or scratch.dtype != s.dtype or scratch.device != s.device:
+        scratch = torch.empty(n, dtype=s.dtype, device=s.device)
+    return torch.nan_to_num(s.reshape(-1), nan=-math.inf, out=scratch[:n])
 
 
 def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -108,7 +119,7 @@ def topk_mask_(s: torch.Tensor, k: int, out: torch.Tensor, scratch: Optional[tor
         return out.zero_()
     if k >= n:
         return out.fill_(True)
-    t = _kth_largest(s, k, scratch)
+    t, unique = kth_and_unique(nan_free_copy(s, scratch), k)
     if t == -math.inf:
         # The selection reaches into -inf / NaN scores, where "NaN below -inf" matters:
         # rank on exact integer keys instead.
@@ -118,8 +129,7 @@ def topk_mask_(s: torch.Tensor, k: int, out: torch.Tensor, scratch: Optional[tor
         need = k - int(out.sum())
         return out.logical_or_(_first_true(keys == kt, need))
     torch.ge(s, t, out=out)  # NaN >= t is False: NaN ranks lowest
-    n_ge = int(out.sum())
-    if n_ge != k:  # more elements equal t than needed: lower index wins
+    if not unique:  # more elements equal t than needed: lower index wins
         torch.gt(s, t, out=out)
         need = k - int(out.sum())
         out.logical_or_(_first_true(s == t, need))
@@ -366,7 +376,7 @@ def _select_global_approx(entries, mask_ratio, group, scratch) -> None:
     stat = torch.zeros(2, dtype=torch.float64)
     if n and k:
         flat = torch.cat(flats) if len(flats) > 1 else flats[0]
-        t = _kth_largest(flat, k, scratch)
+        t, _ = kth_and_unique(nan_free_copy(flat, scratch), k)
         if math.isfinite(t):
             stat[0], stat[1] = t, 1.0
     if _distributed(entries, group):
