@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable, List
@@ -32,7 +33,9 @@ def _worker(fn, rank, world_size, port, queue, args, kwargs, env):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args, **kwargs)
-        queue.put((rank, "ok", out))
+        # Plain pickle copies tensors by value; torch's queue reductions would share memory
+        # that must outlive this process, and can hang when it exits first.
+        queue.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - reported to the parent verbatim
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -51,7 +54,8 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, kwargs, dict(env or {})), daemon=True)
+        # not daemonic: frameworks under test may start children of their own (checkpoint writers)
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args, kwargs, dict(env or {})), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
@@ -66,7 +70,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
                     f"distributed test timed out after {timeout}s; ranks that reported: {sorted(results)}"
                 ) from None
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break
