@@ -26,6 +26,7 @@ Every rank enters every collective: the set of split tensors comes from
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -162,48 +163,91 @@ class _Piece:
     order: Tuple  # tie-break position, comparable across ranks: (global_start,) or (tensor_id, global_start)
     keys: Optional[torch.Tensor] = None
 
-    def key_view(self) -> torch.Tensor:
+    def key_view(self, tmp: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The order keys of this piece, computed once, *in place* over its scores."""
         if self.keys is None:
-            self.keys = float_keys(self.scores)
+            self.keys = _keys_inplace(self.scores, tmp)
         return self.keys
 
 
+def _keys_inplace(x: torch.Tensor, tmp: Optional[torch.Tensor]) -> torch.Tensor:
+    """Overwrite the flat float scores ``x`` with ``float_keys(x)`` and return that integer
+    view: same order keys, no new full-size tensor but a bool NaN mask (a dozen ms
+    saved per 10M elements on a CPU compared with ``float_keys``)."""
+    wide = x.dtype == torch.float64
+    ity, sign_free = (torch.int64, 0x7FFFFFFFFFFFFFFF) if wide else (torch.int32, 0x7FFFFFFF)
+    assert x.dtype in (torch.float32, torch.float64) and x.is_contiguous(), (x.dtype, x.stride())
+    nan = torch.isnan(x)
+    x.add_(0.0)  # IEEE: -0.0 + 0.0 == +0.0
+    bits = x.view(ity)
+    n = bits.numel()
+    if tmp is not None and tmp.device == x.device and tmp.numel() * tmp.element_size() >= n * bits.element_size():
+        t = tmp.reshape(-1).view(torch.uint8)[: n * bits.element_size()].view(ity)
+    else:
+        t = torch.empty_like(bits)
+    torch.bitwise_right_shift(bits, bits.element_size() * 8 - 1, out=t)
+    t.bitwise_and_(sign_free)
+    bits.bitwise_xor_(t)
+    return bits.masked_fill_(nan, torch.iinfo(ity).min)
+
+
+def _top_byte_hist(keys: torch.Tensor) -> torch.Tensor:
+    """256-bin histogram of the most significant byte of (key ^ sign bit), i.e. in key order.
+    Reads the raw top byte through a strided uint8 view (no shift, no copy) and reorders
+    the bins: raw byte b holds keys of ordered byte b ^ 128."""
+    nb = keys.element_size()
+    if sys.byteorder == "little" and keys.is_contiguous():
+        raw = keys.view(torch.uint8)[nb - 1:: nb]
+    else:
+        raw = (keys >> (8 * nb - 8)) & 255
+    h = torch.bincount(raw.reshape(-1), minlength=256)
+    return h.reshape(2, 128).flip(0).reshape(256)  # bins b ^ 128
+
+
+def _top_byte_select(keys: torch.Tensor, ordered_byte: int) -> torch.Tensor:
+    nb = keys.element_size()
+    if sys.byteorder == "little" and keys.is_contiguous():
+        raw = keys.view(torch.uint8)[nb - 1:: nb]
+        return keys[raw == (ordered_byte ^ 128)]
+    return keys[(((keys >> (8 * nb - 8)) & 255) ^ 128) == ordered_byte]
+
+
 def _radix_kth(
-    unit_pieces: List[List[_Piece]], unit_k: List[int], group, dtype: torch.dtype
+    unit_pieces: List[List[_Piece]], unit_k: List[int], group, dtype: torch.dtype,
+    scratch: Optional[torch.Tensor] = None,
 ) -> None:
     """Exact distributed top-K for several units at once; writes the masks of the pieces.
 
     ``unit_pieces[j]`` are this rank's pieces of unit j (possibly none); ``unit_k[j]`` is
     K of the whole unit.  All ranks call with the same number of units in the same order.
+    The pieces' scores are overwritten by their order keys.
     """
     m = len(unit_k)
     if m == 0:
         return
     wide = dtype == torch.float64
     nbytes = 8 if wide else 4
-    keys = []
-    for pieces in unit_pieces:
-        if pieces:
-            keys.append(torch.cat([p.key_view() for p in pieces]) if len(pieces) > 1 else pieces[0].key_view())
-        else:
-            keys.append(torch.empty(0, dtype=torch.int64 if wide else torch.int32))
+    ity = torch.int64 if wide else torch.int32
     # Bytes are read from (key ^ sign bit) as unsigned, most significant first, so that byte
-    # order is key order: for the top byte that is ((key >> shift) & 255) ^ 128.
+    # order is key order.  Pass 0 reads every element of every piece; it also keeps only
+    # the keys in the chosen top-byte bin, so later passes see a small candidate set.
     prefix = [0] * m
     k_rem = list(unit_k)
-    cand = keys  # keys still matching the prefix
     tie_total = [0] * m
+    hist = torch.zeros(m, 256, dtype=torch.int64)
+    for j, pieces in enumerate(unit_pieces):
+        for piece in pieces:
+            if k_rem[j] > 0 and piece.scores.numel():
+                hist[j] += _top_byte_hist(piece.key_view(scratch))
+    cand: List[torch.Tensor] = [torch.empty(0, dtype=ity)] * m
     for p in range(nbytes):
         shift = 8 * (nbytes - 1 - p)
-        hist = torch.zeros(m, 256, dtype=torch.int64)
-        for j in range(m):
-            c = cand[j]
-            if c.numel() == 0 or k_rem[j] <= 0:
-                continue
-            byte = (c >> shift) & 255
-            if p == 0:
-                byte = byte ^ 128  # sign bit: negative keys first
-            hist[j] = torch.bincount(byte.to(torch.int64), minlength=256)
+        if p > 0:
+            hist = torch.zeros(m, 256, dtype=torch.int64)
+            for j in range(m):
+                c = cand[j]
+                if c.numel() and k_rem[j] > 0:
+                    hist[j] = torch.bincount(((c >> shift) & 255).reshape(-1), minlength=256)
         if _world(group) > 1:  # every rank holds the same units: all enter
             dist.all_reduce(hist, group=group)
         for j in range(m):
@@ -218,12 +262,12 @@ def _radix_kth(
             k_rem[j] -= acc
             prefix[j] = (prefix[j] << 8) | b
             tie_total[j] = h[b]
-            c = cand[j]
-            if c.numel():
-                byte = (c >> shift) & 255
-                if p == 0:
-                    byte = byte ^ 128
-                cand[j] = c[byte == b]
+            if p == 0:
+                kept = [_top_byte_select(pc.key_view(scratch), b) for pc in unit_pieces[j] if pc.scores.numel()]
+                cand[j] = torch.cat(kept) if kept else torch.empty(0, dtype=ity)
+            elif cand[j].numel():
+                c = cand[j]
+                cand[j] = c[((c >> shift) & 255) == b]
     # Threshold key per unit (signed), number of ties to take.
     thresholds = []
     for j in range(m):
@@ -286,7 +330,9 @@ def select_masks(entries: Sequence[Entry], mask_ratio: float, scope: str, scratc
     """Fill ``entry.mask`` for every entry with scores, following ``scope``.
 
     Must be called on every rank of the layouts' group, with entries for every buffer of
-    the param group (also those without gradient: ``scores=None``)."""
+    the param group (also those without gradient: ``scores=None``).  Scores of pieces
+    resolved across ranks are overwritten (by their order keys): the optimizer needs
+    only the masks afterwards."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     for e in entries:
@@ -335,7 +381,7 @@ def _select_tensor_scope(entries, mask_ratio, group, scratch) -> None:
                 topk_mask_(e.scores[sl], num_selected(mask_ratio, seg.length), e.mask[sl], scratch)
     if units:
         ks = [num_selected(mask_ratio, collective[t]) for t in units]
-        _radix_kth(unit_pieces, ks, group, _score_dtype(entries))
+        _radix_kth(unit_pieces, ks, group, _score_dtype(entries), scratch)
 
 
 def _select_global_scope(entries, mask_ratio, group, scratch) -> None:
@@ -352,7 +398,7 @@ def _select_global_scope(entries, mask_ratio, group, scratch) -> None:
         # N of the whole group: each element counted once, on the rank that holds it.
         n_local = torch.tensor([sum(int(p.scores.numel()) for p in pieces)], dtype=torch.int64)
         dist.all_reduce(n_local, group=group)
-        _radix_kth([pieces], [num_selected(mask_ratio, int(n_local))], group, _score_dtype(entries))
+        _radix_kth([pieces], [num_selected(mask_ratio, int(n_local))], group, _score_dtype(entries), scratch)
         return
     if not pieces:
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue as queue_mod
 import socket
 import traceback
 from typing import Any, Callable, List
@@ -65,7 +66,7 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 180.0
         for _ in range(world_size):
             try:
                 rank, status, payload = queue.get(timeout=timeout)
-            except Exception:
+            except queue_mod.Empty:
                 raise TimeoutError(
                     f"distributed test timed out after {timeout}s; ranks that reported: {sorted(results)}"
                 ) from None
