@@ -293,16 +293,12 @@ class _MGUPOptimizer(Optimizer):
             group["compile"]
             and not group["normalize"]
             and (group["mode"] == "cautious" or group["scope"] in ("tensor", "shard"))
-            and all(lay.covers_whole_buffer for _, lp, lg, lay in items if lg is not None and lp.numel())
+            and all(
+                lay.covers_whole_buffer and lp.is_contiguous() and lg.is_contiguous()  # flat views write through
+                for _, lp, lg, lay in items
+                if lg is not None and lp.numel()
+            )
         )
-
-    def _scratch(self, p, local):
-        ws = self._ws.get(("scratch", id(p)))
-        score_dtype = torch.float64 if local.dtype == torch.float64 else torch.float32
-        if ws is None or ws.numel() != local.numel() or ws.dtype != score_dtype:
-            ws = torch.empty(local.numel(), dtype=score_dtype, device=local.device)
-            self._ws[("scratch", id(p))] = ws
-        return ws
 
     def _run_compiled(self, group, items, phase1, cautious) -> None:
         """Fused path: per tensor, phase 1 in one kernel (``phase1(p, g, u, s, scratch)``),
@@ -311,7 +307,7 @@ class _MGUPOptimizer(Optimizer):
         threshold is tied across the K boundary, reaches -inf/NaN, or has K in {0, N} is
         finished by the general mask path, so the selection is the same."""
         lr = _lr_value(group["lr"])
-        consts = tuple(_t32(x) for x in (group["alpha"], group["gamma"], lr, 1 - lr * group["weight_decay"]))
+        consts = tuple(_scalar(x) for x in (group["alpha"], group["gamma"], lr, 1 - lr * group["weight_decay"]))
         for p, lp, lg, lay in items:
             if lg is None or lp.numel() == 0:
                 continue
@@ -320,14 +316,14 @@ class _MGUPOptimizer(Optimizer):
                 cautious(p, pf, gf, consts)
                 continue
             u, sc, mk, phi = (t.reshape(-1) for t in self._workspace(p, lp, self._state_dtype(lp)))
-            scratch = self._scratch(p, lp)
+            scratch = self._shared_scratch([sc])[: sc.numel()]
             phase1(p, gf, u, sc, scratch)
             n = lp.numel()
             k = num_selected(group["mask_ratio"], n)
             if 0 < k < n:
                 t, unique = kth_and_unique(scratch, k)
                 if unique and t != -math.inf:
-                    F.compiled("_apply_threshold_k2")(pf, u, sc, _t32(t), *consts)
+                    F.compiled("_apply_threshold_k2")(pf, u, sc, _scalar(t), *consts)
                     continue
             topk_mask_(sc, k, mk, scratch)
             F.fill_phi([mk], [phi], group["alpha"], group["gamma"])
@@ -356,8 +352,10 @@ def _lr_value(lr) -> float:
     return lr.item() if isinstance(lr, torch.Tensor) else float(lr)
 
 
-def _t32(x: float) -> torch.Tensor:
-    """A 0-d scalar for the compiled kernels: a changing value never recompiles them."""
+def _scalar(x: float) -> torch.Tensor:
+    """A 0-d scalar for the compiled kernels: a changing value never recompiles them.
+    float64, so that fp64 parameters see the exact value (a 0-d tensor never promotes
+    a dimensioned fp32/bf16 operand)."""
     return torch.tensor(x, dtype=torch.float64)
 
 
@@ -432,14 +430,14 @@ class MGUPAdamW(_MGUPOptimizer):
             if lg is not None:
                 self._init_adamw_state(p, self.state[p])
         if self._compiled_ok(group, items):
-            b1, b2 = _t32(group["betas"][0]), _t32(group["betas"][1])
-            eps = _t32(group["eps"])
+            b1, b2 = _scalar(group["betas"][0]), _scalar(group["betas"][1])
+            eps = _scalar(group["eps"])
 
             def moments(p):
                 st = self.state[p]
                 st["step"].add_(1)
                 t = st["step"].item()
-                bc = (_t32(1 - group["betas"][0] ** t), _t32(1 - group["betas"][1] ** t))
+                bc = (_scalar(1 - group["betas"][0] ** t), _scalar(1 - group["betas"][1] ** t))
                 return _local(st["exp_avg"]).reshape(-1), _local(st["exp_avg_sq"]).reshape(-1), bc
 
             def phase1(p, g, u, s, scratch):
@@ -506,7 +504,7 @@ class MGUPLion(_MGUPOptimizer):
                 self.state[p]["exp_avg"] = self._zeros_state(p)
         beta1, beta2 = group["betas"]
         if self._compiled_ok(group, items):
-            b1, b2 = _t32(beta1), _t32(beta2)
+            b1, b2 = _scalar(beta1), _scalar(beta2)
 
             def phase1(p, g, u, s, scratch):
                 F.compiled("_lion_k1")(g, _local(self.state[p]["exp_avg"]).reshape(-1), u, s, scratch, b1, b2)
