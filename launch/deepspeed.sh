@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `mgup-dist train --engine deepspeed` through the DeepSpeed launcher (one or more nodes).
+#
+#   launch/deepspeed.sh [train flags...]
+#   HOSTFILE=hostfile DS_CONFIG=zero2 launch/deepspeed.sh --model 130m --optimizer mgup_adamw
+#   DRY_RUN=1 launch/deepspeed.sh ...       # print the exact command, run nothing
+#
+# Environment (defaults):
+#   HOSTFILE      DeepSpeed hostfile, lines "host slots=N" (empty: this node only)
+#   NUM_GPUS      devices per node when no hostfile is given (1)
+#   MASTER_ADDR   rendezvous host (DeepSpeed's default: the first host)
+#   MASTER_PORT   rendezvous port (29500)
+#   DS_CONFIG     DeepSpeed JSON: a path or a name in configs/deepspeed (zero2)
+#   DS_LAUNCHER   multi-node launcher: pdsh | openmpi | mvapich | slurm (pdsh)
+#   DEEPSPEED     the deepspeed executable (deepspeed)
+#   DRY_RUN       1: print the command instead of running it
+set -euo pipefail
+
+HOSTFILE=${HOSTFILE:-}
+NUM_GPUS=${NUM_GPUS:-1}
+MASTER_PORT=${MASTER_PORT:-29500}
+DS_CONFIG=${DS_CONFIG:-zero2}
+DS_LAUNCHER=${DS_LAUNCHER:-pdsh}
+DEEPSPEED=${DEEPSPEED:-deepspeed}
+
+cmd=("$DEEPSPEED")
+if [[ -n "$HOSTFILE" ]]; then
+  cmd+=(--hostfile "$HOSTFILE" --launcher "$DS_LAUNCHER")
+else
+  cmd+=(--num_gpus "$NUM_GPUS")
+fi
+[[ -n "${MASTER_ADDR:-}" ]] && cmd+=(--master_addr "$MASTER_ADDR")
+cmd+=(--master_port "$MASTER_PORT" --no_local_rank --module mgup_dist.train
+      --engine deepspeed --deepspeed-config "$DS_CONFIG" "$@")
+
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${cmd[@]}"; echo
+  exit 0
+fi
+exec "${cmd[@]}"

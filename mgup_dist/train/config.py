@@ -1,0 +1,288 @@
+"""Command line and config files of ``mgup-dist train``.
+
+A run is described by flags; ``--config FILE`` (YAML or JSON, keys = flag names with
+``_`` or ``-``) supplies defaults that flags given on the command line override.  Every
+check that can fail on user input runs in :func:`parse` / :func:`validate`, before any
+process group, model or data exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+from typing import Dict, Optional, Sequence
+
+__all__ = ["OPTIMIZER_NAMES", "ENGINES", "parse", "validate", "resolve_model_config", "resolve_deepspeed_config",
+           "REPO_ROOT", "BUILTIN_MODELS", "fingerprint"]
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+OPTIMIZER_NAMES = ("adamw", "cautious_adamw", "mgup_adamw", "cmgup_adamw", "mgup_lion", "mgup_muon")
+ENGINES = ("ddp", "fsdp2", "deepspeed")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+# The two model configs, also shipped as configs/models/llama_<name>.json (a test keeps
+# them equal) so that `mgup-dist train` works from an installed wheel with no checkout.
+BUILTIN_MODELS: Dict[str, Dict] = {
+    # GaLore's C4 benchmark model (jiaweizzhao/GaLore configs/llama_130m.json), in
+    # transformers' LlamaConfig field names.
+    "130m": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": 768, "intermediate_size": 2048, "num_attention_heads": 12, "num_key_value_heads": 12,
+        "num_hidden_layers": 12, "vocab_size": 32000, "max_position_embeddings": 1024,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1,
+        "pad_token_id": 0, "tie_word_embeddings": False, "use_cache": False,
+    },
+    # ~0.87M parameters over the byte tokenizer (vocab 259): trains on one CPU core in minutes.
+    "tiny": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": 128, "intermediate_size": 352, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "num_hidden_layers": 4, "vocab_size": 259, "max_position_embeddings": 512,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-6, "bos_token_id": 256, "eos_token_id": 257,
+        "pad_token_id": 258, "tie_word_embeddings": False, "use_cache": False,
+    },
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mgup-dist train",
+        description="Train a LLaMA causal LM with AdamW or the MGUP optimizer family on DDP, FSDP2 or DeepSpeed. "
+                    "With no arguments: the tiny model on text shipped with Python, on this machine's device.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("--config", default=None, help="YAML or JSON file of defaults (keys = flag names); flags override it")
+    g = p.add_argument_group("run")
+    g.add_argument("--name", default=None, help="run name (default: <model>-<optimizer>-<engine>)")
+    g.add_argument("--out-dir", default=None, help="output directory (default: runs/<name>)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", nargs="?", const="latest", default="auto",
+                   help="'auto': continue from the latest checkpoint of this run when one exists (what a torchrun "
+                        "restart needs); '--resume' alone / 'latest': require one; 'never': start over (deletes "
+                        "old checkpoints); or a checkpoint directory")
+    g.add_argument("--save-every", type=int, default=100, help="checkpoint every N optimizer steps (0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (a log line every --log-every steps)")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-tensorboard", action="store_true")
+    m = p.add_argument_group("model and data")
+    m.add_argument("--model", default="tiny", help="'tiny', '130m' (configs/models/llama_<name>.json) or a JSON path")
+    m.add_argument("--vocab-size", default=None,
+                   help="override the model's vocab size; 'auto' = the tokenizer's size")
+    m.add_argument("--dataset", default="embedded", choices=("embedded", "c4"))
+    m.add_argument("--data-path", default=None,
+                   help="directory of C4 shards c4-train.*.json.gz and c4-validation.*.json.gz (implies --dataset c4); "
+                        "without it --dataset c4 streams allenai/c4 'en' from the hub (needs `datasets`)")
+    m.add_argument("--tokenizer", default=None,
+                   help="'byte' (no download) or a transformers tokenizer name/path (default: byte for embedded, "
+                        "t5-base for c4, as in GaLore)")
+    m.add_argument("--packing", default=None, choices=("pack", "pad"),
+                   help="C4 samples: 'pad' = one document per sample truncated/padded (GaLore); 'pack' = documents "
+                        "joined and cut (default: pad for c4)")
+    m.add_argument("--seq-len", type=int, default=128)
+    o = p.add_argument_group("optimization")
+    o.add_argument("--optimizer", default="mgup_adamw", help=f"one of {', '.join(OPTIMIZER_NAMES)}")
+    o.add_argument("--lr", type=float, default=3e-3)
+    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    o.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
+    o.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    o.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step, all ranks together")
+    o.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward on one rank (default: global batch / world size, no accumulation)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled; applied to matrices only")
+    o.add_argument("--beta1", type=float, default=None)
+    o.add_argument("--beta2", type=float, default=None)
+    o.add_argument("--eps", type=float, default=1e-8)
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    o.add_argument("--mask-ratio", type=float, default=None, help="MGUP: fraction of coordinates scaled by alpha")
+    o.add_argument("--alpha", type=float, default=None)
+    o.add_argument("--gamma", type=float, default=None)
+    o.add_argument("--tau", type=float, default=None, help="MGUP shorthand: alpha = 1/tau, gamma = tau")
+    o.add_argument("--scope", default=None, help="MGUP selection scope: tensor | shard | global | global_approx")
+    o.add_argument("--muon-lr", type=float, default=None, help="mgup_muon: lr of the matrices (default 2e-2)")
+    o.add_argument("--opt-kwargs", default=None, help="JSON object of extra optimizer keyword arguments")
+    e = p.add_argument_group("engine and device")
+    e.add_argument("--engine", default="ddp", help=f"one of {', '.join(ENGINES)}")
+    e.add_argument("--deepspeed-config", default="zero2",
+                   help="deepspeed engine: a JSON path or a name in configs/deepspeed (zero1, zero2, zero2_offload, zero3)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | npu (via mgup_dist.device)")
+    e.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto = bf16 autocast where mgup_dist.device.supports_bf16 says so (fp32 master weights)")
+    # Launchers that append --local_rank (DeepSpeed without --no_local_rank): accepted, unused
+    # (LOCAL_RANK from the environment is what counts).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--eval-every", type=int, default=100)
+    ev.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per evaluation (all ranks)")
+    ev.add_argument("--eval-micro-batch", type=int, default=None)
+    return p
+
+
+def _load_config_file(path: str) -> Dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"config: file {path!r} does not exist")
+    text = pathlib.Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ValueError("config: YAML files need PyYAML (`pip install pyyaml`) or use a .json file") from e
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping of flag names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and validate.  Raises ValueError (never SystemExit) for bad values; argparse
+    still exits for malformed flags and ``--help``."""
+    p = _parser()
+    argv = list(argv) if argv is not None else []
+    pre, _ = p.parse_known_args(argv)
+    if pre.config:
+        file_values = _load_config_file(pre.config)
+        known = {a.dest for a in p._actions}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown} in {pre.config!r}; allowed: {sorted(known - {'help', 'config'})}")
+        p.set_defaults(**file_values)
+    cfg = p.parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size)
+    return cfg
+
+
+def resolve_model_config(spec: str) -> Dict:
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            return json.load(f)
+    path = REPO_ROOT / "configs" / "models" / f"llama_{spec}.json"
+    if path.is_file():
+        with open(path) as f:
+            return json.load(f)
+    if spec in BUILTIN_MODELS:
+        return dict(BUILTIN_MODELS[spec])
+    raise ValueError(f"model: unknown model {spec!r}; allowed: {', '.join(sorted(BUILTIN_MODELS))} or a path to a "
+                     "LlamaConfig JSON file")
+
+
+def resolve_deepspeed_config(spec: str) -> Dict:
+    path = spec if os.path.isfile(spec) else str(REPO_ROOT / "configs" / "deepspeed" / f"{spec}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    if spec in ("zero0", "zero1", "zero2", "zero3"):
+        # Minimal stand-in while configs/deepspeed/ is absent (e.g. an installed wheel).
+        return {"zero_optimization": {"stage": int(spec[-1])}}
+    raise ValueError(f"deepspeed_config: {spec!r} is neither a file nor a name in {REPO_ROOT / 'configs' / 'deepspeed'}")
+
+
+def validate(cfg: argparse.Namespace, world_size: int) -> None:
+    def bad(param, msg):
+        raise ValueError(f"{param}: {msg}")
+
+    if cfg.optimizer not in OPTIMIZER_NAMES:
+        bad("optimizer", f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZER_NAMES)}")
+    if cfg.engine not in ENGINES:
+        bad("engine", f"unknown engine {cfg.engine!r}; allowed: {', '.join(ENGINES)}")
+    cfg.model_config = resolve_model_config(cfg.model)
+    if cfg.engine == "deepspeed":
+        cfg.deepspeed_dict = resolve_deepspeed_config(cfg.deepspeed_config)
+        if cfg.optimizer == "mgup_muon":
+            bad("optimizer", "mgup_muon needs whole matrices; DeepSpeed ZeRO hands the optimizer flat partitions. "
+                             "Use --engine ddp or fsdp2 for Muon")
+    if cfg.data_path is not None:
+        cfg.dataset = "c4"
+        if not os.path.isdir(cfg.data_path):
+            bad("data_path", f"directory {cfg.data_path!r} does not exist")
+        from .data import c4_local_files
+        c4_local_files(cfg.data_path, "train")
+        c4_local_files(cfg.data_path, "validation")
+    if cfg.tokenizer is None:
+        cfg.tokenizer = "byte" if cfg.dataset == "embedded" else "t5-base"
+    if cfg.packing is None:
+        cfg.packing = "pad" if cfg.dataset == "c4" else "pack"
+    for name in ("steps", "global_batch", "seq_len", "eval_every", "log_every", "eval_tokens"):
+        if getattr(cfg, name) <= 0:
+            bad(name, f"must be positive, got {getattr(cfg, name)}")
+    for name in ("save_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 0:
+            bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+    if cfg.keep_checkpoints == 0:
+        cfg.keep_checkpoints = 1
+    if cfg.micro_batch is None:
+        if cfg.global_batch % world_size:
+            bad("global_batch", f"{cfg.global_batch} is not divisible by the world size {world_size}")
+        cfg.micro_batch = cfg.global_batch // world_size
+    if cfg.micro_batch <= 0:
+        bad("micro_batch", f"must be positive, got {cfg.micro_batch}")
+    if cfg.global_batch % (cfg.micro_batch * world_size):
+        bad("global_batch", f"{cfg.global_batch} is not divisible by micro_batch x world_size = "
+                            f"{cfg.micro_batch} x {world_size}")
+    cfg.grad_accum = cfg.global_batch // (cfg.micro_batch * world_size)
+    cfg.world_size = world_size
+    if cfg.eval_micro_batch is None:
+        cfg.eval_micro_batch = cfg.micro_batch
+    if cfg.warmup_steps is None:
+        cfg.warmup_steps = max(1, cfg.steps // 10)
+    if not 0 <= cfg.warmup_steps <= cfg.steps:
+        bad("warmup_steps", f"must be in [0, steps={cfg.steps}], got {cfg.warmup_steps}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        bad("min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.lr <= 0:
+        bad("lr", f"must be positive, got {cfg.lr}")
+    max_pos = cfg.model_config.get("max_position_embeddings", 2048)
+    if cfg.seq_len > max_pos:
+        bad("seq_len", f"{cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    if cfg.precision not in PRECISIONS:
+        bad("precision", f"allowed: {', '.join(PRECISIONS)}")
+    if cfg.opt_kwargs is not None and not isinstance(cfg.opt_kwargs, dict):
+        try:
+            cfg.opt_kwargs = json.loads(cfg.opt_kwargs)
+        except json.JSONDecodeError as e:
+            bad("opt_kwargs", f"not a JSON object: {e}")
+        if not isinstance(cfg.opt_kwargs, dict):
+            bad("opt_kwargs", "must be a JSON object")
+    if cfg.vocab_size is not None and cfg.vocab_size != "auto":
+        try:
+            cfg.vocab_size = int(cfg.vocab_size)
+        except (TypeError, ValueError):
+            bad("vocab_size", f"an integer or 'auto', got {cfg.vocab_size!r}")
+    if cfg.resume not in ("auto", "latest", "never") and not os.path.isdir(cfg.resume):
+        bad("resume", f"'auto', 'latest', 'never' or an existing checkpoint directory; got {cfg.resume!r}")
+    from mgup_dist.device import resolve_device
+    cfg.device_obj = resolve_device(cfg.device)   # ValueError for unknown / unavailable kinds
+    if cfg.name is None:
+        model_tag = cfg.model if cfg.model in BUILTIN_MODELS else pathlib.Path(cfg.model).stem
+        cfg.name = f"{model_tag}-{cfg.optimizer}-{cfg.engine}"
+    if cfg.out_dir is None:
+        cfg.out_dir = os.path.join("runs", cfg.name)
+
+
+# What must match for an automatic resume to be the same run.
+_FINGERPRINT_KEYS = ("model", "optimizer", "engine", "steps", "global_batch", "seq_len", "lr", "dataset",
+                     "tokenizer", "seed", "min_lr_ratio", "warmup_steps", "weight_decay", "mask_ratio", "alpha",
+                     "gamma", "tau", "scope", "vocab_size", "packing")
+
+
+def fingerprint(cfg) -> Dict:
+    return {k: getattr(cfg, k) for k in _FINGERPRINT_KEYS}
+
+
+def to_jsonable(cfg) -> Dict:
+    out = {}
+    for k, v in vars(cfg).items():
+        if k in ("device_obj", "deepspeed_dict"):
+            continue
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            out[k] = str(v)
+    return out

@@ -1,0 +1,385 @@
+"""Training data: the embedded default corpus, local C4 ``json.gz`` shards, the hub.
+
+Two kinds of source, one contract (``next_micro() -> LongTensor [micro, seq]``,
+``state_dict()`` / ``load_state_dict()``):
+
+* :class:`IndexedWindows` (embedded text): the token stream is cut into fixed windows
+  of ``seq_len``; step ``s`` uses global samples ``[s*G, (s+1)*G)`` of a per-epoch
+  permutation (seeded), rank ``r`` takes the contiguous ``G/W`` slice ``r``.  The data
+  position is therefore a pure function of the step: resuming needs only the step, and
+  the global batch of a step does not depend on the world size.
+* :class:`DocStream` (C4, local shards or hub streaming): documents are dealt round-robin
+  to ranks (document ``i`` goes to rank ``i % W``, as ``split_dataset_by_node`` does);
+  each rank turns its documents into samples either GaLore-style (one document per
+  sample, truncated and padded to ``seq_len``, ``pack=False``) or packed (documents
+  joined with EOS and cut into windows, ``pack=True``).  Its position is
+  ``(documents consumed, leftover tokens)``: resuming skips lines without tokenizing.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import itertools
+import json
+import os
+from typing import Dict, Iterator, List, Sequence
+
+import torch
+
+__all__ = [
+    "ByteTokenizer",
+    "embedded_text",
+    "load_tokenizer",
+    "IndexedWindows",
+    "DocStream",
+    "c4_local_files",
+    "build_datasets",
+    "IGNORE_INDEX",
+]
+
+IGNORE_INDEX = -100
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, plus BOS/EOS/PAD: vocab 259, nothing to download."""
+
+    bos_token_id = 256
+    eos_token_id = 257
+    pad_token_id = 258
+    vocab_size = 259
+    name = "byte"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class _HFTokenizer:
+    """A thin adapter over ``transformers.AutoTokenizer`` (imported lazily)."""
+
+    def __init__(self, name_or_path: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as e:  # pragma: no cover - transformers is a dependency
+            raise ValueError(f"tokenizer: {name_or_path!r} needs the 'transformers' package") from e
+        try:
+            self.tok = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception as e:  # noqa: BLE001 - hub / path errors have many types
+            raise ValueError(
+                f"tokenizer: could not load {name_or_path!r} with transformers.AutoTokenizer "
+                f"(a local directory or a hub name such as 't5-base'; offline machines need a local copy): {e}"
+            ) from e
+        self.name = name_or_path
+        self.pad_token_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self.eos_token_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.pad_token_id
+        self.bos_token_id = self.tok.bos_token_id
+        if self.pad_token_id is None:
+            raise ValueError(f"tokenizer: {name_or_path!r} has neither a pad nor an eos token")
+        self.vocab_size = len(self.tok)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        # T5's tokenizer appends </s> itself; plain text otherwise (no BOS: GaLore's recipe).
+        return self.tok(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+
+    def encode(self, text: str) -> List[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+def load_tokenizer(name: str):
+    if name == "byte":
+        return ByteTokenizer()
+    return _HFTokenizer(name)
+
+
+def embedded_text() -> str:
+    """Real English prose that ships with every CPython: the ``pydoc`` topic help
+    (the Language Reference sections, ~465 kB).  Keys are sorted so the corpus is the
+    same on every machine with the same Python minor version."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+# --------------------------------------------------------------------------- indexed
+
+
+class IndexedWindows:
+    """Fixed windows over one token tensor; position = optimizer step (see module doc)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, global_batch: int, micro_batch: int,
+                 rank: int, world_size: int, seed: int = 0):
+        n = tokens.numel() // seq_len
+        if n < 1:
+            raise ValueError(f"seq_len: {seq_len} is longer than the whole corpus ({tokens.numel()} tokens)")
+        assert global_batch % (micro_batch * world_size) == 0
+        self.windows = tokens[: n * seq_len].view(n, seq_len)
+        self.n = n
+        self.seq_len, self.global_batch, self.micro = seq_len, global_batch, micro_batch
+        self.rank, self.world = rank, world_size
+        self.per_rank = global_batch // world_size
+        self.seed = seed
+        self.step = 0
+        self._micro_idx = 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _sample(self, g: int) -> torch.Tensor:
+        epoch, i = divmod(g, self.n)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen), epoch
+        return self.windows[self._perm[i]]
+
+    def next_micro(self) -> torch.Tensor:
+        base = self.step * self.global_batch + self.rank * self.per_rank + self._micro_idx * self.micro
+        batch = torch.stack([self._sample(base + j) for j in range(self.micro)])
+        self._micro_idx += 1
+        if self._micro_idx * self.micro == self.per_rank:
+            self._micro_idx, self.step = 0, self.step + 1
+        return batch
+
+    @property
+    def epoch(self) -> float:
+        return self.step * self.global_batch / self.n
+
+    def state_dict(self) -> Dict:
+        assert self._micro_idx == 0, "data state is only saved at step boundaries"
+        return {"kind": "indexed", "step": self.step}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state.get("kind") != "indexed":
+            raise ValueError(f"resume: checkpoint data state is {state.get('kind')!r}, this run uses 'indexed'")
+        self.step, self._micro_idx = int(state["step"]), 0
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_samples: int, rank: int, world_size: int) -> torch.Tensor:
+    """Validation windows for this rank: every rank gets the same count (FSDP and
+    DeepSpeed ZeRO-3 need every rank to run the same number of forwards)."""
+    n = min(tokens.numel() // seq_len, max_samples)
+    n -= n % world_size
+    if n == 0:
+        raise ValueError(f"eval: the validation split holds fewer than {world_size} windows of {seq_len} tokens")
+    return tokens[: n * seq_len].view(n, seq_len)[rank::world_size]
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def c4_local_files(data_path: str, split: str) -> List[str]:
+    """``c4-<split>.*.json.gz`` (the allenai/c4 file names), sorted; also accepts
+    ``<split>/*.json.gz`` / ``*.jsonl`` for hand-made sets."""
+    patterns = [f"c4-{split}.*.json.gz", f"c4-{split}.*.json", f"{split}/*.json.gz", f"{split}*.jsonl",
+                f"{split}*.jsonl.gz"]
+    for pat in patterns:
+        files = sorted(glob.glob(os.path.join(data_path, pat)))
+        if files:
+            return files
+    raise ValueError(
+        f"data_path: no {split} shards in {data_path!r} (expected files like c4-{split}.00000-of-01024.json.gz, "
+        f"each line a JSON object with a 'text' field)"
+    )
+
+
+def _iter_local_docs(files: Sequence[str]) -> Iterator[str]:
+    for f in files:
+        opener = gzip.open if f.endswith(".gz") else open
+        with opener(f, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield line
+
+
+def _iter_hub_docs(split: str, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[str]:  # pragma: no cover
+    """allenai/c4 'en' streamed (needs the network and `datasets`).  The train split is
+    shuffled (seeded) and split by node the way GaLore does, so each rank downloads only
+    its share; ``rank``/``world_size`` = 0/1 streams everything."""
+    try:
+        import datasets
+        import datasets.distributed
+    except ImportError as e:
+        raise ValueError("dataset: streaming C4 from the hub needs `pip install datasets` (or pass --data-path)") from e
+    ds = datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
+    if split == "train":
+        ds = ds.shuffle(seed=seed, buffer_size=10_000)
+    if world_size > 1:
+        ds = datasets.distributed.split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    for ex in ds:
+        yield ex["text"]
+
+
+class DocStream:
+    """Round-robin documents to ranks; samples per rank; resumable (see module doc)."""
+
+    def __init__(self, doc_factory, tokenizer, seq_len: int, micro_batch: int, rank: int, world_size: int,
+                 pack: bool, raw_json: bool, encode_chunk: int = 256, presharded: bool = False):
+        self.doc_factory = doc_factory   # () -> iterator of raw lines / texts (restartable)
+        self.presharded = presharded     # the factory already yields only this rank's documents
+        self.tok, self.seq_len, self.micro = tokenizer, seq_len, micro_batch
+        self.rank, self.world, self.pack, self.raw_json = rank, world_size, pack, raw_json
+        self.encode_chunk = encode_chunk
+        self.docs_read = 0         # documents of THIS rank read in the current pass
+        self.passes = 0            # how many times the source wrapped around
+        self.carry: List[int] = []          # packing remainder
+        self._queue: List[List[int]] = []   # ready samples (token lists, unpadded when pack=False)
+        self._it = None
+
+    # -- reading
+    def _open(self, skip: int) -> None:
+        it = self.doc_factory()
+        if not self.presharded:
+            it = itertools.islice(it, self.rank, None, self.world)
+        self._it = itertools.islice(it, skip, None)
+
+    def _next_texts(self, k: int) -> List[str]:
+        if self._it is None:
+            self._open(self.docs_read)
+        out = [json.loads(raw)["text"] if self.raw_json else raw for raw in itertools.islice(self._it, k)]
+        self.docs_read += len(out)
+        if out:
+            return out
+        if self.docs_read == 0:
+            raise ValueError("data: the training source holds no documents for this rank")
+        self.passes, self.docs_read = self.passes + 1, 0   # wrapped around: a new pass
+        self._open(0)
+        return self._next_texts(k)
+
+    def _fill(self) -> None:
+        texts = self._next_texts(self.encode_chunk)
+        ids = self.tok.encode_batch(texts)
+        eos = self.tok.eos_token_id
+        for doc in ids:
+            if self.pack:
+                self.carry.extend(doc)
+                if not doc or doc[-1] != eos:
+                    self.carry.append(eos)
+                while len(self.carry) >= self.seq_len:
+                    self._queue.append(self.carry[: self.seq_len])
+                    self.carry = self.carry[self.seq_len:]
+            else:
+                self._queue.append(doc[: self.seq_len])
+
+    def next_micro(self) -> torch.Tensor:
+        while len(self._queue) < self.micro:
+            self._fill()
+        rows, self._queue = self._queue[: self.micro], self._queue[self.micro:]
+        out = torch.full((self.micro, self.seq_len), self.tok.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
+
+    def state_dict(self) -> Dict:
+        # The exact position: documents read so far (read-ahead included), the samples
+        # made from them but not yet handed out, and the packing carry.
+        return {"kind": "docs", "docs_read": self.docs_read, "passes": self.passes,
+                "queue": [list(q) for q in self._queue], "carry": list(self.carry),
+                "world_size": self.world}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state.get("kind") != "docs":
+            raise ValueError(f"resume: checkpoint data state is {state.get('kind')!r}, this run uses 'docs'")
+        if int(state.get("world_size", self.world)) != self.world:
+            raise ValueError(
+                f"resume: the C4 stream was dealt to {state['world_size']} ranks, this run has {self.world}; "
+                "resume with the same world size"
+            )
+        self.docs_read, self.passes = int(state["docs_read"]), int(state["passes"])
+        self._queue, self.carry = [list(q) for q in state["queue"]], list(state["carry"])
+        self._it = None
+
+    @property
+    def epoch(self) -> float:
+        return float(self.passes)
+
+
+def _pad_rows(rows: List[List[int]], seq_len: int, pad: int) -> torch.Tensor:
+    out = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r[:seq_len], dtype=torch.long)
+    return out
+
+
+def _doc_eval_rows(texts: Iterator[str], tok, seq_len: int, max_samples: int, pack: bool) -> List[List[int]]:
+    rows: List[List[int]] = []
+    carry: List[int] = []
+    chunk: List[str] = []
+
+    def flush():
+        nonlocal carry
+        for doc in tok.encode_batch(chunk):
+            if pack:
+                carry.extend(doc + ([] if doc and doc[-1] == tok.eos_token_id else [tok.eos_token_id]))
+                while len(carry) >= seq_len and len(rows) < max_samples:
+                    rows.append(carry[:seq_len])
+                    carry = carry[seq_len:]
+            elif len(rows) < max_samples:
+                rows.append(doc[:seq_len])
+        chunk.clear()
+
+    for t in texts:
+        chunk.append(t)
+        if len(chunk) == 256:
+            flush()
+            if len(rows) >= max_samples:
+                break
+    if chunk and len(rows) < max_samples:
+        flush()
+    return rows
+
+
+# --------------------------------------------------------------------------- build
+
+
+class Datasets:
+    def __init__(self, train, val: torch.Tensor, tokenizer, description: str):
+        self.train, self.val, self.tokenizer, self.description = train, val, tokenizer, description
+
+
+def build_datasets(cfg, rank: int, world_size: int) -> Datasets:
+    """From the parsed config: the train source and this rank's validation samples."""
+    tok = load_tokenizer(cfg.tokenizer)
+    max_eval = max(world_size, cfg.eval_tokens // cfg.seq_len)
+    if cfg.dataset == "embedded":
+        data = torch.tensor(list(embedded_text().encode("utf-8")), dtype=torch.long) if tok.name == "byte" else \
+            torch.tensor([i for d in tok.encode_batch(embedded_text().split("\n\n")) for i in d], dtype=torch.long)
+        split = int(data.numel() * 0.9)
+        train = IndexedWindows(data[:split], cfg.seq_len, cfg.global_batch, cfg.micro_batch, rank, world_size,
+                               seed=cfg.seed)
+        val = eval_windows(data[split:], cfg.seq_len, max_eval, rank, world_size)
+        desc = f"embedded pydoc_data.topics: {split} train / {data.numel() - split} val tokens ({tok.name})"
+        return Datasets(train, val, tok, desc)
+
+    assert cfg.dataset == "c4"
+    if cfg.data_path:
+        train_files = c4_local_files(cfg.data_path, "train")
+        val_files = c4_local_files(cfg.data_path, "validation")
+        train_factory = lambda: _iter_local_docs(train_files)  # noqa: E731
+        val_texts = (json.loads(line)["text"] for line in _iter_local_docs(val_files))
+        raw_json = True
+        desc = f"C4 local shards: {len(train_files)} train / {len(val_files)} validation files in {cfg.data_path}"
+    else:  # pragma: no cover - needs the network
+        train_factory = lambda: _iter_hub_docs("train", cfg.seed, rank, world_size)  # noqa: E731
+        val_texts = _iter_hub_docs("validation", cfg.seed)
+        raw_json = False
+        desc = "C4 allenai/c4 'en' streamed from the hub"
+    train = DocStream(train_factory, tok, cfg.seq_len, cfg.micro_batch, rank, world_size,
+                      pack=cfg.packing == "pack", raw_json=raw_json, presharded=not cfg.data_path)
+    # Every rank reads the same first documents and keeps its own equal share.
+    rows = _doc_eval_rows(val_texts, tok, cfg.seq_len, max_eval, pack=cfg.packing == "pack")
+    n = len(rows) - len(rows) % world_size
+    if n == 0:
+        raise ValueError(f"data: the validation split yielded fewer than {world_size} samples")
+    val = _pad_rows(rows[:n][rank::world_size], cfg.seq_len, tok.pad_token_id)
+    return Datasets(train, val, tok, desc + f" ({tok.name}, {'packed' if cfg.packing == 'pack' else 'padded'})")

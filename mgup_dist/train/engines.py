@@ -1,0 +1,259 @@
+"""The three ways the recipe runs a model: DDP, FSDP2 (``fully_shard``), DeepSpeed.
+
+One small interface so that the training loop does not know which it drives:
+``forward_backward(ids, last)``, ``step() -> grad norm``, ``eval_sums(ids)``,
+``save(dir)`` / ``load(dir)`` (each rank writes / reads its part of a checkpoint
+directory; the caller makes it atomic), ``lr``.
+
+Device handling goes through :mod:`mgup_dist.device` only: the same code runs on CPU
+(gloo), CUDA (nccl) and Ascend NPU (hccl, ``torch_npu`` imported lazily there).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .data import IGNORE_INDEX
+from .optim import CosineWithWarmup, build_optimizer, build_scheduler, optimizer_spec, param_groups
+
+__all__ = ["build_engine", "Engine"]
+
+
+def _labels(ids: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
+    labels = ids.clone()
+    if pad_id is not None:
+        labels[labels == pad_id] = IGNORE_INDEX
+    return labels
+
+
+class Engine:
+    name = "base"
+
+    def __init__(self, cfg, model: torch.nn.Module, device: torch.device, pad_id: Optional[int]):
+        self.cfg, self.device, self.pad_id = cfg, device, pad_id
+        self.bf16 = cfg.bf16
+        self.raw_model = model
+
+    # -- helpers shared by ddp / fsdp2
+    def _autocast(self):
+        if not self.bf16 or self.name == "fsdp2":   # FSDP2 casts through its MixedPrecisionPolicy
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _loss(self, module, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token cross-entropy and the number of predicted tokens."""
+        ids = ids.to(self.device, non_blocking=True)
+        labels = _labels(ids, self.pad_id)
+        # No attention mask: padding only ever trails a sequence (pad mode), so under the
+        # causal mask no real token attends to a pad, and padded targets are ignored.
+        with self._autocast():
+            out = module(input_ids=ids, labels=labels)
+        count = (labels[:, 1:] != IGNORE_INDEX).sum()
+        return out.loss.float(), count
+
+    @torch.no_grad()
+    def eval_sums(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        loss, count = self._loss(self.model, ids)
+        return loss * count, count
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+class DDPEngine(Engine):
+    """torch DistributedDataParallel (plain module when single-process)."""
+
+    name = "ddp"
+
+    def __init__(self, cfg, model, device, pad_id):
+        super().__init__(cfg, model, device, pad_id)
+        model.to(device)
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(model, device_ids=None if device.type == "cpu" else [device])
+        else:
+            self.model = model
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+    def forward_backward(self, ids, last: bool):
+        ctx = self.model.no_sync() if (self.distributed and not last) else contextlib.nullcontext()
+        with ctx:
+            loss, _ = self._loss(self.model, ids)
+            (loss / self.cfg.grad_accum).backward()
+        return loss.detach()
+
+    def step(self) -> torch.Tensor:
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def save(self, path: str, rank: int) -> None:
+        # DDP keeps model and optimizer replicated: rank 0 writes them once.
+        if rank == 0:
+            torch.save(self.raw_model.state_dict(), os.path.join(path, "model.pt"))
+            torch.save(self.optimizer.state_dict(), os.path.join(path, "optimizer.pt"))
+            torch.save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+
+    def load(self, path: str) -> None:
+        self.raw_model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=self.device))
+        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+
+
+class FSDP2Engine(Engine):
+    """``torch.distributed.fsdp.fully_shard`` per decoder layer and on the root: params are
+    DTensors sharded on dim 0; the MGUP optimizers run on them directly (their layout comes
+    from ``mgup_dist.integrations.fsdp``).  Checkpoints use torch.distributed.checkpoint."""
+
+    name = "fsdp2"
+
+    def __init__(self, cfg, model, device, pad_id):
+        super().__init__(cfg, model, device, pad_id)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        assert dist.is_initialized(), "fsdp2 needs a process group"
+        model.to(device)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else \
+            MixedPrecisionPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+    def forward_backward(self, ids, last: bool):
+        # Reduce-scatter gradients only on the last micro-batch of the accumulation.
+        self.model.set_requires_gradient_sync(last)
+        loss, _ = self._loss(self.model, ids)
+        (loss / self.cfg.grad_accum).backward()
+        return loss.detach()
+
+    def step(self) -> torch.Tensor:
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def _dcp_state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        return {"model": msd, "optim": osd}
+
+    def save(self, path: str, rank: int) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._dcp_state(), checkpoint_id=os.path.join(path, "dcp"))
+        if rank == 0:
+            torch.save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+
+    def load(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._dcp_state()   # allocates optimizer state (a zero-lr step) so DCP has targets
+        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` with the optimizer named in the DeepSpeed config
+    (``{"type": "MGUPAdamW", "params": {...}}``, resolvable after
+    ``mgup_dist.integrations.deepspeed.register()``), our cosine schedule as the client
+    LR scheduler, batch sizes / clipping / bf16 filled in from the recipe's flags."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg, model, device, pad_id):
+        super().__init__(cfg, model, device, pad_id)
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise ValueError("engine: 'deepspeed' needs `pip install deepspeed`") from e
+        class_name, kw = optimizer_spec(cfg)
+        kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+        ds = copy.deepcopy(cfg.deepspeed_dict)
+        if class_name != "AdamW":
+            from mgup_dist.integrations.deepspeed import register
+
+            register()
+        else:
+            offload = (ds.get("zero_optimization", {}).get("offload_optimizer", {}) or {}).get("device", "none")
+            if offload in (None, "none"):
+                kw["torch_adam"] = True      # torch's AdamW, not DeepSpeed's fused CUDA kernel
+            kw["adam_w_mode"] = True
+        ds["optimizer"] = {"type": class_name, "params": kw}
+        ds.pop("scheduler", None)
+        ds["train_batch_size"] = cfg.global_batch
+        ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch
+        ds["gradient_accumulation_steps"] = cfg.grad_accum
+        ds["gradient_clipping"] = cfg.grad_clip
+        ds["bf16"] = {"enabled": bool(self.bf16)}
+        ds["fp16"] = {"enabled": False}
+        ds.setdefault("steps_per_print", 10 ** 9)
+        ds.setdefault("wall_clock_breakdown", False)
+        self.ds_config = ds
+        groups = param_groups(model, cfg, kw)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=groups, config=ds,
+            lr_scheduler=lambda opt: CosineWithWarmup(opt, warmup=cfg.warmup_steps, total=cfg.steps,
+                                                      min_ratio=cfg.min_lr_ratio),
+        )
+
+    def _autocast(self):
+        return contextlib.nullcontext()   # DeepSpeed keeps bf16 weights itself
+
+    def forward_backward(self, ids, last: bool):
+        loss, _ = self._loss(self.model, ids)
+        self.model.backward(loss)   # divides by gradient_accumulation_steps itself
+        self.model.step()           # steps optimizer + scheduler at the accumulation boundary only
+        return loss.detach()
+
+    def step(self) -> torch.Tensor:
+        # forward_backward already stepped at the boundary (DeepSpeed clips by
+        # gradient_clipping itself); report the norm it measured.
+        norm = self.model.get_global_grad_norm()
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, path: str, rank: int) -> None:
+        self.model.save_checkpoint(path, tag="ds", save_latest=False)
+
+    def load(self, path: str) -> None:
+        load_path, _ = self.model.load_checkpoint(path, tag="ds", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ValueError(f"resume: DeepSpeed found no checkpoint under {path!r}")
+
+
+_ENGINES = {"ddp": DDPEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}
+
+
+def build_engine(cfg, model, device, pad_id) -> Engine:
+    return _ENGINES[cfg.engine](cfg, model, device, pad_id)

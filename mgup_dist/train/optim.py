@@ -1,0 +1,136 @@
+"""Optimizer names of the recipe -> classes and keyword arguments; the LR schedule.
+
+=================  ==========================================================
+``adamw``          ``torch.optim.AdamW`` (the baseline; foreach path)
+``cautious_adamw`` ``CMGUPAdamW`` with alpha=1, gamma=0, normalize=True: Liang et
+                   al.'s Cautious AdamW (phi = 1[u*g > 0] / mean(1[u*g > 0]))
+``mgup_adamw``     ``MGUPAdamW`` (top-K, defaults mask_ratio 0.5, alpha 2, gamma 0.5)
+``cmgup_adamw``    ``CMGUPAdamW`` (alpha where u*g > 0, else gamma)
+``mgup_lion``      ``MGUPLion``
+``mgup_muon``      ``MGUPMuon``: hidden matrices by Muon; embeddings, LM head and
+                   norms by its AdamW fallback
+=================  ==========================================================
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+
+__all__ = ["optimizer_spec", "param_groups", "build_optimizer", "lr_lambda", "build_scheduler"]
+
+# name -> (mgup_dist.OPTIMIZERS key or None for torch AdamW, fixed kwargs)
+_TABLE = {
+    "adamw": (None, {}),
+    "cautious_adamw": ("CMGUPAdamW", {"mode": "cautious", "alpha": 1.0, "gamma": 0.0, "normalize": True}),
+    "mgup_adamw": ("MGUPAdamW", {}),
+    "cmgup_adamw": ("CMGUPAdamW", {}),
+    "mgup_lion": ("MGUPLion", {}),
+    "mgup_muon": ("MGUPMuon", {}),
+}
+_MGUP_FLAGS = ("mask_ratio", "alpha", "gamma", "tau", "scope")
+
+
+def optimizer_spec(cfg) -> Tuple[str, Dict]:
+    """(class name, keyword arguments) for the recipe's optimizer name.  The class name is
+    a key of ``mgup_dist.OPTIMIZERS`` or ``"AdamW"`` (torch's)."""
+    key, fixed = _TABLE[cfg.optimizer]
+    kw: Dict = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    betas_default = {"mgup_lion": (0.9, 0.99), "mgup_muon": (0.9, 0.95)}.get(cfg.optimizer, (0.9, 0.999))
+    b1 = cfg.beta1 if cfg.beta1 is not None else betas_default[0]
+    b2 = cfg.beta2 if cfg.beta2 is not None else betas_default[1]
+    kw["betas"] = (b1, b2)
+    if cfg.optimizer != "mgup_lion":
+        kw["eps"] = cfg.eps
+    if key is None:
+        for f in _MGUP_FLAGS:
+            if getattr(cfg, f) is not None:
+                raise ValueError(f"{f}: only applies to the MGUP optimizers, not to {cfg.optimizer!r}")
+    else:
+        kw.update(fixed)
+        for f in _MGUP_FLAGS:
+            if getattr(cfg, f) is not None:
+                if f in fixed:
+                    raise ValueError(f"{f}: {cfg.optimizer!r} fixes {f}={fixed[f]}")
+                kw[f] = getattr(cfg, f)
+    if cfg.optimizer == "mgup_muon":
+        kw["lr"] = cfg.muon_lr if cfg.muon_lr is not None else 2e-2
+        kw["adamw_lr"] = cfg.lr  # recorded in the group of the AdamW fallback (see param_groups)
+    if cfg.opt_kwargs:
+        kw.update(cfg.opt_kwargs)
+    return (key or "AdamW"), kw
+
+
+def _is_muon_matrix(name: str, p: torch.Tensor) -> bool:
+    # Muon orthogonalises hidden 2-D weights; the embedding and the LM head stay on AdamW
+    # (Jordan et al.; Moonlight), as do 1-D norms.
+    return p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
+
+
+def param_groups(model: torch.nn.Module, cfg, kw: Dict) -> List[Dict]:
+    """Decoupled weight decay on matrices only (norm gains decay to zero otherwise).
+    For Muon, a group per (use_muon, decay) pair with the AdamW fallback at ``cfg.lr``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    wd = kw.get("weight_decay", 0.0)
+    if cfg.optimizer == "mgup_muon":
+        groups = []
+        for use_muon in (True, False):
+            for decay in (True, False):
+                ps = [p for n, p in named if _is_muon_matrix(n, p) == use_muon and (p.ndim >= 2) == decay]
+                if ps:
+                    g = {"params": ps, "use_muon": use_muon, "weight_decay": wd if decay else 0.0}
+                    if not use_muon:
+                        g["lr"] = kw["adamw_lr"]
+                    groups.append(g)
+        return groups
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def optimizer_class(class_name: str):
+    if class_name == "AdamW":
+        return torch.optim.AdamW
+    try:
+        from mgup_dist import OPTIMIZERS
+    except ImportError as e:  # pragma: no cover - the core is part of the package
+        raise RuntimeError(f"optimizer: mgup_dist.OPTIMIZERS is not importable ({e})") from e
+    return OPTIMIZERS[class_name]
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    class_name, kw = optimizer_spec(cfg)
+    kw = dict(kw)
+    kw.pop("adamw_lr", None)
+    cls = optimizer_class(class_name)
+    if class_name == "AdamW":
+        kw.setdefault("foreach", True)
+    groups = param_groups(model, cfg, optimizer_spec(cfg)[1])
+    try:
+        return cls(groups, **kw)
+    except TypeError as e:
+        raise ValueError(f"opt_kwargs: {class_name} rejected the arguments {sorted(kw)}: {e}") from e
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based: LambdaLR's count of finished
+    steps).  Linear warmup (t + 1) / w for t < w (so no step runs at lr 0), then cosine
+    from 1 down to ``min_ratio`` at ``total``:
+    f(t) = r + (1 - r) * (1 + cos(pi * (t - w) / (T - w))) / 2."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CosineWithWarmup(torch.optim.lr_scheduler.LambdaLR):
+    def __init__(self, optimizer, *, warmup: int, total: int, min_ratio: float):
+        import functools
+
+        super().__init__(optimizer, functools.partial(lr_lambda, warmup=warmup, total=total, min_ratio=min_ratio))
+
+
+def build_scheduler(optimizer, cfg):
+    return CosineWithWarmup(optimizer, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
