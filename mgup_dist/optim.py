@@ -104,9 +104,9 @@ class _MGUPOptimizer(Optimizer):
 
     _rule: str = ""
 
-    def __init__(self, params, defaults: Dict[str, Any], fp32_state: bool):
-        if not isinstance(fp32_state, bool):
-            raise ValueError(f"fp32_state must be True or False, got {fp32_state!r}")
+    def __init__(self, params, defaults: Dict[str, Any], fp32_state: Optional[bool]):
+        if fp32_state not in (None, True, False):
+            raise ValueError(f"fp32_state must be None (auto), True or False, got {fp32_state!r}")
         self.fp32_state = fp32_state
         self._layouts: Dict[int, Tuple[torch.Tensor, Layout]] = {}
         self._ws: Dict[int, Tuple[torch.Tensor, ...]] = {}
@@ -117,11 +117,34 @@ class _MGUPOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f" (param group {len(self.param_groups) - 1})"
-        self._validate_group(group, where)
-        _mgup_options(group, where)
-        for p in group["params"]:
-            if p.is_sparse:
-                raise SparseGradientError(f"{type(self).__name__} does not support sparse parameters")
+        try:
+            self._validate_group(group, where)
+            _mgup_options(group, where)
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise SparseGradientError(f"{type(self).__name__} does not support sparse parameters")
+        except ValueError:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """torch casts loaded floating state to the param dtype; fp32 state of half-precision
+        params is put back in fp32 (the saved values, not the rounded ones)."""
+        keep = {}
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            st = state_dict["state"].get(pid, {})
+            if self._state_dtype(_local(p)) == torch.float32 and p.dtype != torch.float32:
+                keep[id(p)] = {k: v for k, v in st.items() if torch.is_tensor(v) and k != "step" and v.dtype == torch.float32}
+        super().load_state_dict(state_dict)
+        for p in params:
+            for k, v in keep.get(id(p), {}).items():
+                self.state[p][k] = v.to(device=p.device, copy=True)
+            st = self.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                # torch hands 'step' over uncopied: a live source optimizer would share the counter
+                st["step"] = st["step"].clone()
 
     def _validate_group(self, group: Dict[str, Any], where: str) -> None:
         _check_range("lr", group["lr"], 0, None)
@@ -131,7 +154,7 @@ class _MGUPOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_layouts", {})
         self.__dict__.setdefault("_ws", {})
-        self.__dict__.setdefault("fp32_state", False)
+        self.__dict__.setdefault("fp32_state", None)
         for group in self.param_groups:
             for key, val in (("mode", "topk"), ("scope", "tensor"), ("normalize", False), ("foreach", None), ("compile", False)):
                 group.setdefault(key, val)
@@ -188,8 +211,12 @@ class _MGUPOptimizer(Optimizer):
         return ws
 
     def _state_dtype(self, local: torch.Tensor) -> torch.dtype:
-        if self.fp32_state and local.dtype in (torch.float16, torch.bfloat16):
-            return torch.float32
+        """fp32 state on request, and by default for fp16 params: Adam's (1-b2)*g^2 and eps
+        = 1e-8 lie below fp16's smallest subnormal, so fp16 moments turn m / (sqrt(v)+eps)
+        into m / 0.  bf16 has fp32's exponent range and keeps the param dtype by default."""
+        if local.dtype in (torch.float16, torch.bfloat16):
+            if self.fp32_state or (self.fp32_state is None and local.dtype == torch.float16):
+                return torch.float32
         return local.dtype
 
     def _zeros_state(self, p: torch.Tensor) -> torch.Tensor:
@@ -388,7 +415,7 @@ class MGUPAdamW(_MGUPOptimizer):
         normalize: bool = False,
         foreach: Optional[bool] = None,
         compile: bool = False,
-        fp32_state: bool = False,
+        fp32_state: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mode=mode, mask_ratio=mask_ratio,
@@ -485,7 +512,7 @@ class MGUPLion(_MGUPOptimizer):
         normalize: bool = False,
         foreach: Optional[bool] = None,
         compile: bool = False,
-        fp32_state: bool = False,
+        fp32_state: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, mode=mode, mask_ratio=mask_ratio, alpha=alpha,
@@ -559,7 +586,7 @@ class MGUPMuon(MGUPAdamW):
         normalize: bool = False,
         foreach: Optional[bool] = None,
         compile: bool = False,
-        fp32_state: bool = False,
+        fp32_state: Optional[bool] = None,
     ):
         self._adamw_ids = {id(p) for p in (adamw_params or [])}
         params = list(params)
