@@ -105,11 +105,14 @@ def nan_free_copy(s: torch.Tensor, scratch: Optional[torch.Tensor]) -> torch.Ten
 
 
 def _first_true(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Keep only the first ``count`` True entries of a flat bool mask (in place)."""
+    """Keep only the first ``count`` True entries of a flat bool mask (in place).  Ties
+    are few, so their indices (nonzero: a pass over bytes) beat a full int64 cumsum."""
     if count <= 0:
         return mask.zero_()
-    csum = torch.cumsum(mask, 0, dtype=torch.int64)
-    return mask.logical_and_(csum <= count)
+    idx = torch.nonzero(mask).flatten()
+    if idx.numel() > count:
+        mask[idx[count:]] = False
+    return mask
 
 
 def topk_mask_(s: torch.Tensor, k: int, out: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -178,6 +181,7 @@ def _keys_inplace(x: torch.Tensor, tmp: Optional[torch.Tensor]) -> torch.Tensor:
     ity, sign_free = (torch.int64, 0x7FFFFFFFFFFFFFFF) if wide else (torch.int32, 0x7FFFFFFF)
     assert x.dtype in (torch.float32, torch.float64) and x.is_contiguous(), (x.dtype, x.stride())
     nan = torch.isnan(x)
+    has_nan = bool(nan.any())
     x.add_(0.0)  # IEEE: -0.0 + 0.0 == +0.0
     bits = x.view(ity)
     n = bits.numel()
@@ -188,28 +192,17 @@ def _keys_inplace(x: torch.Tensor, tmp: Optional[torch.Tensor]) -> torch.Tensor:
     torch.bitwise_right_shift(bits, bits.element_size() * 8 - 1, out=t)
     t.bitwise_and_(sign_free)
     bits.bitwise_xor_(t)
-    return bits.masked_fill_(nan, torch.iinfo(ity).min)
+    return bits.masked_fill_(nan, torch.iinfo(ity).min) if has_nan else bits
 
 
-def _top_byte_hist(keys: torch.Tensor) -> torch.Tensor:
-    """256-bin histogram of the most significant byte of (key ^ sign bit), i.e. in key order.
-    Reads the raw top byte through a strided uint8 view (no shift, no copy) and reorders
-    the bins: raw byte b holds keys of ordered byte b ^ 128."""
-    nb = keys.element_size()
-    if sys.byteorder == "little" and keys.is_contiguous():
-        raw = keys.view(torch.uint8)[nb - 1:: nb]
-    else:
-        raw = (keys >> (8 * nb - 8)) & 255
-    h = torch.bincount(raw.reshape(-1), minlength=256)
-    return h.reshape(2, 128).flip(0).reshape(256)  # bins b ^ 128
-
-
-def _top_byte_select(keys: torch.Tensor, ordered_byte: int) -> torch.Tensor:
-    nb = keys.element_size()
-    if sys.byteorder == "little" and keys.is_contiguous():
-        raw = keys.view(torch.uint8)[nb - 1:: nb]
-        return keys[raw == (ordered_byte ^ 128)]
-    return keys[(((keys >> (8 * nb - 8)) & 255) ^ 128) == ordered_byte]
+def _radix_widths(nbits: int) -> List[int]:
+    """Bits resolved per pass: 12 first (4096 bins: an octave of scores cut 16 ways, so the
+    candidates kept after pass 0 are a few percent), then 10 at a time."""
+    widths, left = [12], nbits - 12
+    while left > 0:
+        widths.append(min(10, left))
+        left -= widths[-1]
+    return widths
 
 
 def _radix_kth(
@@ -228,46 +221,54 @@ def _radix_kth(
     wide = dtype == torch.float64
     nbytes = 8 if wide else 4
     ity = torch.int64 if wide else torch.int32
-    # Bytes are read from (key ^ sign bit) as unsigned, most significant first, so that byte
-    # order is key order.  Pass 0 reads every element of every piece; it also keeps only
-    # the keys in the chosen top-byte bin, so later passes see a small candidate set.
+    # Digits are read from the unsigned key (key ^ sign bit), most significant first, so
+    # that digit order is key order.  Pass 0 reads every element (the top 12 bits by an
+    # arithmetic shift, offset to be non-negative) and keeps only the keys in the chosen
+    # bin; the later passes see that small candidate set.
+    widths = _radix_widths(8 * nbytes)
+    top_shift = 8 * nbytes - widths[0]
+    top_off = 1 << (widths[0] - 1)  # arithmetic shift leaves [-2^(w-1), 2^(w-1)): offset it
     prefix = [0] * m
     k_rem = list(unit_k)
     tie_total = [0] * m
-    hist = torch.zeros(m, 256, dtype=torch.int64)
-    for j, pieces in enumerate(unit_pieces):
-        for piece in pieces:
-            if k_rem[j] > 0 and piece.scores.numel():
-                hist[j] += _top_byte_hist(piece.key_view(scratch))
     cand: List[torch.Tensor] = [torch.empty(0, dtype=ity)] * m
-    for p in range(nbytes):
-        shift = 8 * (nbytes - 1 - p)
-        if p > 0:
-            hist = torch.zeros(m, 256, dtype=torch.int64)
-            for j in range(m):
-                c = cand[j]
-                if c.numel() and k_rem[j] > 0:
-                    hist[j] = torch.bincount(((c >> shift) & 255).reshape(-1), minlength=256)
+    done_bits = 0
+    for p, width in enumerate(widths):
+        nbins = 1 << width
+        shift = 8 * nbytes - done_bits - width
+        hist = torch.zeros(m, nbins, dtype=torch.int64)
+        for j in range(m):
+            if k_rem[j] <= 0:
+                continue
+            if p == 0:
+                for piece in unit_pieces[j]:
+                    if piece.scores.numel():
+                        hist[j] += torch.bincount((piece.key_view(scratch) >> top_shift).add_(top_off), minlength=nbins)
+            elif cand[j].numel():
+                hist[j] = torch.bincount((cand[j] >> shift) & (nbins - 1), minlength=nbins)
         if _world(group) > 1:  # every rank holds the same units: all enter
             dist.all_reduce(hist, group=group)
         for j in range(m):
             if k_rem[j] <= 0:
                 continue
-            h = hist[j].tolist()
-            acc = 0
-            for b in range(255, -1, -1):  # largest byte first
-                if acc + h[b] >= k_rem[j]:
-                    break
-                acc += h[b]
+            h = hist[j]
+            # largest digit b such that count(digit > b) < k_rem <= count(digit >= b)
+            above = torch.flip(torch.cumsum(torch.flip(h, (0,)), 0), (0,))  # above[b] = count(digit >= b)
+            b = int(torch.nonzero(above >= k_rem[j]).max())
+            acc = int(above[b] - h[b])
             k_rem[j] -= acc
-            prefix[j] = (prefix[j] << 8) | b
-            tie_total[j] = h[b]
+            prefix[j] = (prefix[j] << width) | b
+            tie_total[j] = int(h[b])
             if p == 0:
-                kept = [_top_byte_select(pc.key_view(scratch), b) for pc in unit_pieces[j] if pc.scores.numel()]
+                kept = [
+                    pc.key_view(scratch)[(pc.key_view(scratch) >> top_shift) == (b - top_off)]
+                    for pc in unit_pieces[j] if pc.scores.numel()
+                ]
                 cand[j] = torch.cat(kept) if kept else torch.empty(0, dtype=ity)
             elif cand[j].numel():
                 c = cand[j]
-                cand[j] = c[((c >> shift) & 255) == b]
+                cand[j] = c[((c >> shift) & (nbins - 1)) == b]
+        done_bits += width
     # Threshold key per unit (signed), number of ties to take.
     thresholds = []
     for j in range(m):
