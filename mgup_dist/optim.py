@@ -331,8 +331,8 @@ class _MGUPOptimizer(Optimizer):
         """Fused path: per tensor, phase 1 in one kernel (``phase1(p, g, u, s, scratch)``),
         the K-th score by introselect, phase 3 in one kernel; in cautious mode the whole
         step is one kernel (``cautious(p, pflat, gflat, consts)``).  A tensor whose
-        threshold is tied across the K boundary, reaches -inf/NaN, or has K in {0, N} is
-        finished by the general mask path, so the selection is the same."""
+        threshold reaches -inf/NaN, or has K in {0, N}, is finished by the general mask
+        path, so the selection is the same."""
         lr = _lr_value(group["lr"])
         consts = tuple(_scalar(x) for x in (group["alpha"], group["gamma"], lr, 1 - lr * group["weight_decay"]))
         for p, lp, lg, lay in items:
@@ -349,7 +349,13 @@ class _MGUPOptimizer(Optimizer):
             k = num_selected(group["mask_ratio"], n)
             if 0 < k < n:
                 t, unique = kth_and_unique(scratch, k)
-                if unique and t != -math.inf:
+                if t != -math.inf:
+                    if not unique:
+                        # More scores equal t than the K-th place needs: the lower indices win.
+                        # Push the losing ties below t, so that s >= t still selects exactly K.
+                        need = k - int((sc > t).sum())
+                        ties = torch.nonzero(sc == t).flatten()
+                        sc[ties[need:]] = -math.inf
                     F.compiled("_apply_threshold_k2")(pf, u, sc, _scalar(t), *consts)
                     continue
             topk_mask_(sc, k, mk, scratch)
