@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .device import resolve_device, comm_backend
+from .device import comm_backend, resolve_device
 
 __all__ = ["llama_shapes", "main"]
 

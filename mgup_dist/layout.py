@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Hashable, Optional, Sequence, Tuple
+from typing import Hashable, Optional, Tuple
 
 import torch
 

@@ -7,8 +7,7 @@ and call ``functional`` and ``selection``.  No math lives here.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -101,8 +100,6 @@ def _mgup_options(group: Dict[str, Any], where: str) -> None:
 
 class _MGUPOptimizer(Optimizer):
     """Shared machinery: MGUP options, layouts, workspaces, the three-phase step."""
-
-    _rule: str = ""
 
     def __init__(self, params, defaults: Dict[str, Any], fp32_state: Optional[bool]):
         if fp32_state not in (None, True, False):
@@ -402,8 +399,6 @@ class MGUPAdamW(_MGUPOptimizer):
     the Cautious AdamW of Liang et al. (a baseline: it can fail to converge).
     """
 
-    _rule = "adamw"
-
     def __init__(
         self,
         params,
@@ -500,8 +495,6 @@ class MGUPLion(_MGUPOptimizer):
     then ``m = b2*m + (1-b2)*g``.  State: ``exp_avg``.
     """
 
-    _rule = "lion"
-
     def __init__(
         self,
         params,
@@ -569,8 +562,6 @@ class MGUPMuon(MGUPAdamW):
     ``betas``/``eps`` and the same lr.
     """
 
-    _rule = "muon"
-
     def __init__(
         self,
         params,
@@ -601,7 +592,7 @@ class MGUPMuon(MGUPAdamW):
             other = [p for p in params if not (p.ndim == 2 and id(p) not in self._adamw_ids)]
             extra = [p for p in (adamw_params or []) if all(p is not q for q in params)]
             params = [g for g in ({"params": muon, "use_muon": True}, {"params": other + extra, "use_muon": False}) if g["params"]]
-        _Optimizer_init_check_ns(ns_steps, momentum, nesterov)
+        _check_muon_options(ns_steps, momentum, nesterov)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mode=mode, mask_ratio=mask_ratio,
             alpha=alpha, gamma=gamma, tau=tau, scope=scope, normalize=normalize, foreach=foreach, compile=compile,
@@ -611,7 +602,7 @@ class MGUPMuon(MGUPAdamW):
 
     def _validate_group(self, group, where):
         super()._validate_group(group, where)
-        _Optimizer_init_check_ns(group["ns_steps"], group["momentum"], group["nesterov"])
+        _check_muon_options(group["ns_steps"], group["momentum"], group["nesterov"])
         if group.get("use_muon") is None:
             group["use_muon"] = all(p.ndim == 2 and id(p) not in self._adamw_ids for p in group["params"])
         if group["use_muon"]:
@@ -713,7 +704,7 @@ class MGUPMuon(MGUPAdamW):
                 view.copy_(o.reshape(-1))
 
 
-def _Optimizer_init_check_ns(ns_steps, momentum, nesterov) -> None:
+def _check_muon_options(ns_steps, momentum, nesterov) -> None:
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
         raise ValueError(f"ns_steps must be an integer >= 1, got {ns_steps!r}")
     _check_range("momentum", momentum, 0, 1, hi_open=True)

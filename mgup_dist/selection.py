@@ -26,15 +26,13 @@ Every rank enters every collective: the set of split tensors comes from
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from .layout import Layout, Segment
+from .layout import Layout
 
 __all__ = [
     "SCOPES",

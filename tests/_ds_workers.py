@@ -125,6 +125,7 @@ def check_layouts(engine) -> List[Any]:
 
 def _init(model, cfg, optimizer=None):
     import deepspeed
+
     import mgup_dist.deepspeed  # noqa: F401  registers the MGUP names
 
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, optimizer=optimizer,
@@ -274,9 +275,9 @@ def _error_of(fn):
 
 def worker_bad_configs(rank, world):
     """Errors for bad configs and the client-optimizer warning, through deepspeed.initialize."""
-    import mgup_dist
     from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 
+    import mgup_dist
     from mgup_dist.integrations.deepspeed import find_mgup_optimizer, register
 
     out = {}

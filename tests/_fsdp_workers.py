@@ -486,7 +486,11 @@ def dcp_fsdp2_roundtrip(rank, world, ckpt_root, opt_names, steps=2):
     the reshard test."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     out = {}
     for opt_name in opt_names:
@@ -529,7 +533,11 @@ def dcp_plain_load(rank, world, ckpt_root, opt_names, steps=2):
     state and the params after that step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     out = {}
     for opt_name in opt_names:
@@ -574,7 +582,11 @@ def dcp_fsdp2_load(rank, world, ckpt_root, opt_names, steps=2):
     returns the loaded full state and the full params after the same next step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     out = {}
     for opt_name in opt_names:
@@ -612,7 +624,12 @@ def dcp_fsdp1_roundtrip(rank, world, ckpt_root, use_orig_params, opt_names, step
     more step gives bitwise equal full params."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     from mgup_dist.integrations.fsdp import attach_fsdp1_layouts
 
     out = {}
@@ -669,6 +686,7 @@ def layout_facts(rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     from mgup_dist.integrations.fsdp import dtensor_layout, fsdp1_layouts
 
     facts = {"errors": []}

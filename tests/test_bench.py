@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import math
+import pathlib
 import subprocess
 import sys
-import pathlib
 
 import pytest
 import torch

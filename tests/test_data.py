@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from mgup_dist.train import run
-from mgup_dist.train.data import (ByteTokenizer, DocStream, IndexedWindows, _iter_local_docs, c4_local_files,
-                                  embedded_text)
+from mgup_dist.train.data import (
+    ByteTokenizer,
+    DocStream,
+    IndexedWindows,
+    _iter_local_docs,
+    c4_local_files,
+    embedded_text,
+)
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
 

@@ -12,11 +12,10 @@
 """
 from __future__ import annotations
 
+import _fsdp_workers as W
 import pytest
 import torch
-
 from dist_utils import run_distributed
-import _fsdp_workers as W
 
 OPTS = ["MGUPAdamW", "MGUPLion", "MGUPMuon"]
 

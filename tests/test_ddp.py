@@ -3,11 +3,11 @@ collectives in the optimizer.  DDP (2 gloo ranks, identical data on each, so the
 all-reduced mean gradient is bitwise the local one) must equal a plain model."""
 from __future__ import annotations
 
+import _fsdp_workers as W
 import pytest
 import torch
-
 from dist_utils import run_distributed
-import _fsdp_workers as W
+
 import mgup_dist
 
 

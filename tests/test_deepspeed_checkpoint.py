@@ -19,9 +19,8 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-import torch  # noqa: E402
-
 import _ds_workers as W  # noqa: E402
+import torch  # noqa: E402
 from dist_utils import run_distributed  # noqa: E402
 
 P = {"lr": 1e-2, "weight_decay": 0.01}

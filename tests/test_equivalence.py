@@ -19,7 +19,6 @@ after the first step, which gives scores +0.0 and -0.0 with non-zero updates.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

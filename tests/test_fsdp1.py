@@ -9,10 +9,9 @@ equal a single-process run bit for bit.
 """
 from __future__ import annotations
 
-import pytest
-
-from dist_utils import run_distributed
 import _fsdp_workers as W
+import pytest
+from dist_utils import run_distributed
 
 OPTS = ("MGUPAdamW", "MGUPLion", "MGUPMuon")
 MODES = ("topk", "cautious")

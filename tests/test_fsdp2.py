@@ -9,10 +9,9 @@ would change every K-th value and break the equality).
 """
 from __future__ import annotations
 
-import pytest
-
-from dist_utils import run_distributed
 import _fsdp_workers as W
+import pytest
+from dist_utils import run_distributed
 
 OPTS = ("MGUPAdamW", "MGUPLion", "MGUPMuon")
 MODES = ("topk", "cautious")
@@ -54,7 +53,7 @@ def test_fsdp2_equals_single_device_world4_and_hsdp():
         for o in OPTS:
             for m in MODES:
                 cases.append((f"{mesh}/{o}/{m}", mesh, shapes, o, {"mode": m}, "randn"))
-    cases.append((f"(2, 2)/MGUPLion/topk/tied", (2, 2), shapes, "MGUPLion", {"mode": "topk"}, "tied"))
+    cases.append(("(2, 2)/MGUPLion/topk/tied", (2, 2), shapes, "MGUPLion", {"mode": "topk"}, "tied"))
     _assert_exact(run_distributed(W.fsdp2_equivalence, 4, cases, 3, timeout=380))
 
 

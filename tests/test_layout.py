@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import collections
 
+import _fsdp_workers as W
 import pytest
 import torch
-
 from dist_utils import run_distributed
-import _fsdp_workers as W
-from mgup_dist.integrations.fsdp import chunk_rows, _holders
+
+from mgup_dist.integrations.fsdp import _holders, chunk_rows
 from mgup_dist.layout import whole_layout
 
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import math
 
+import _fsdp_workers as W
 import pytest
 import torch
-
 from dist_utils import run_distributed
-import _fsdp_workers as W
 
 
 def _phi_values_ok(phi):

@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
+from dist_utils import run_distributed
 
 from mgup_dist.layout import Layout, Segment
 from mgup_dist.selection import Entry, float_keys, num_selected, select_masks, topk_mask_
-from dist_utils import run_distributed
 
 
 def reference_mask(s: torch.Tensor, k: int) -> torch.Tensor:

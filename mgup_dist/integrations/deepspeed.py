@@ -251,7 +251,7 @@ def _stage3_layouts(zopt) -> List[Tuple[int, torch.Tensor, Layout]]:
     tid = 0
     for j, sub_group in enumerate(zopt.fp16_groups):
         group = zopt._get_sub_group_process_group(j)
-        world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+        rank = dist.get_rank(group=group)
         flat = zopt.fp32_partitioned_groups_flat[j]
         numel = int(zopt.fp16_partitioned_groups_flat_numel[j])
         segments, collective = [], []

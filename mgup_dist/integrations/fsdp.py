@@ -201,7 +201,7 @@ def flat_param_layouts(
         ]
         return flat, per
 
-    rank, world = handle.rank, handle.world_size
+    rank = handle.rank
     S = flat_param._sharded_size.numel()
     assert flat_param.numel() == S, (flat_param.numel(), S)
     lo, hi = rank * S, (rank + 1) * S

@@ -3,7 +3,7 @@
 ``run(argv)`` parses and trains (raising ValueError on bad input before any work);
 ``mgup_dist.train.cli.main`` is the command-line entry; ``plot.main`` overlays runs.
 """
-from .config import OPTIMIZER_NAMES, ENGINES, parse  # noqa: F401
+from .config import ENGINES, OPTIMIZER_NAMES, parse  # noqa: F401
 
 
 def run(argv=None):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
