@@ -13,12 +13,14 @@ How it is computed
   the needed number of elements equal ``t`` is a prefix count over the ties done.
   No ``topk`` + scatter: a threshold and an elementwise compare are O(N).
 * A scope split across ranks: radix select on order-preserving integer keys.  Per
-  pass every rank histograms one byte of the keys that still match the prefix (256
-  bins per split tensor), one ``all_reduce`` carries the histograms of *all* split
-  tensors together, and the prefix grows by a byte.  Four passes for fp32 keys (eight
-  for fp64), then the exact K-th key is known on every rank; ties at it are resolved
-  by a global prefix count only when they exceed what is needed.  Communication per
-  step is ``passes x 256 x n_split`` integers whatever the tensors' size.
+  pass every rank histograms the next digit of the keys that still match the prefix,
+  one ``all_reduce`` carries the histograms of *all* split tensors together, and the
+  prefix grows by that digit.  Digits are 12 bits, then 10 (three passes for fp32 keys,
+  seven for fp64): a 12-bit first digit cuts an octave of scores 16 ways, so the
+  candidates kept after the one pass that reads every element are a few percent.
+  Then the exact K-th key is known on every rank; ties at it are resolved by a global
+  prefix count only when they exceed what is needed.  Communication per step is
+  ``(4096 + 1024 + 1024) x n_split`` integers whatever the tensors' size.
 
 Every rank enters every collective: the set of split tensors comes from
 ``Layout.collective`` (identical on all ranks), not from which gradients exist.
