@@ -39,14 +39,17 @@ __all__ = [
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def _groups(*lists: Sequence[Tensor]):
+def _groups(*lists: Sequence[Tensor], **scalar_lists: Sequence[float]):
     """Split parallel lists into runs that one foreach kernel can take (same device and
-    dtypes for every list position)."""
+    dtypes at every list position); per-tensor scalar lists are split along with them."""
     buckets = {}
     for i in range(len(lists[0])):
         key = tuple((l[i].device, l[i].dtype) for l in lists)
         buckets.setdefault(key, []).append(i)
-    return [[[l[i] for i in idx] for l in lists] for idx in buckets.values()]
+    return [
+        [[l[i] for i in idx] for l in lists] + [[sl[i] for i in idx] for sl in scalar_lists.values()]
+        for idx in buckets.values()
+    ]
 
 
 def adamw_direction(
@@ -76,7 +79,7 @@ def adamw_direction(
     bc1 = [1 - beta1 ** st.item() for st in steps]
     bc2 = [1 - beta2 ** st.item() for st in steps]
     if foreach:
-        for g, m, v, u, s, b1c, b2c in _groups_with_scalars(grads, exp_avgs, exp_avg_sqs, updates, scores, bc1=bc1, bc2=bc2):
+        for g, m, v, u, s, b1c, b2c in _groups(grads, exp_avgs, exp_avg_sqs, updates, scores, bc1=bc1, bc2=bc2):
             torch._foreach_mul_(m, beta1)
             torch._foreach_add_(m, g, alpha=1 - beta1)
             torch._foreach_mul_(v, beta2)
@@ -98,18 +101,6 @@ def adamw_direction(
         s.copy_(v).div_(bc2[i]).sqrt_().add_(eps)
         u.copy_(m).div_(s).div_(bc1[i])
         s.copy_(u).mul_(g)
-
-
-def _groups_with_scalars(*lists, **scalar_lists):
-    """Like _groups, but also splits per-tensor scalar lists along the same buckets."""
-    buckets = {}
-    for i in range(len(lists[0])):
-        key = tuple((l[i].device, l[i].dtype) for l in lists)
-        buckets.setdefault(key, []).append(i)
-    out = []
-    for idx in buckets.values():
-        out.append([[l[i] for i in idx] for l in lists] + [[sl[i] for i in idx] for sl in scalar_lists.values()])
-    return out
 
 
 def lion_direction(
@@ -235,7 +226,7 @@ def apply_update(
     steps = [-lr * sc for lr, sc in zip(lrs, lr_scales)]
     decay = [1 - lr * weight_decay for lr in lrs]
     if foreach:
-        for p, u, ph, st, dc in _groups_with_scalars(params, updates, phis, st=steps, dc=decay):
+        for p, u, ph, st, dc in _groups(params, updates, phis, st=steps, dc=decay):
             if weight_decay != 0:
                 torch._foreach_mul_(p, dc)
             torch._foreach_addcmul_(p, u, ph, st)

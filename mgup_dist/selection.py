@@ -60,23 +60,8 @@ def float_keys(s: torch.Tensor) -> torch.Tensor:
     """Order-preserving signed integer keys of float scores (int32 for <= 32-bit
     floats, int64 for float64): ``a < b  <=>  key(a) < key(b)``, with ``-0.0`` mapped
     to ``+0.0`` and every NaN to the smallest key, so NaN ranks lowest."""
-    if s.dtype == torch.float64:
-        ity, sign_free = torch.int64, 0x7FFFFFFFFFFFFFFF
-    else:
-        s = s.float()
-        ity, sign_free = torch.int32, 0x7FFFFFFF
-    s = s + 0.0  # IEEE: -0.0 + 0.0 == +0.0
-    bits = s.view(ity)
-    # negative floats order reversed in their magnitude bits: flip them.
-    keys = bits ^ ((bits >> (bits.element_size() * 8 - 1)) & sign_free)
-    return keys.masked_fill_(torch.isnan(s), torch.iinfo(ity).min)
-
-
-def _key_to_float(key: int, dtype: torch.dtype) -> float:
-    ity, sign_free = (torch.int64, 0x7FFFFFFFFFFFFFFF) if dtype == torch.float64 else (torch.int32, 0x7FFFFFFF)
-    k = torch.tensor(key, dtype=ity)
-    bits = k ^ ((k >> (k.element_size() * 8 - 1)) & sign_free)
-    return bits.view(torch.float64 if dtype == torch.float64 else torch.float32).item()
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    return _keys_inplace(torch.empty(s.shape, dtype=dtype, device=s.device).copy_(s), None)
 
 
 # ----------------------------------------------------------------- local selection
