@@ -1,0 +1,143 @@
+"""The one interface every backend implements (CPU, CUDA/Triton, plain torch ops).
+
+The pipeline (``mgup_dist.pipeline``) calls, per chunk of a param group (``mgup_dist.plan``):
+
+    hist0 = backend.score(rule, hp, chunk, bufs, scratch)          phase 1
+    ... selection.select(backend, chunk, keys, hist0) ...          phase 2 (uses histogram,
+                                                                    tie_counts, resolve_ties)
+    backend.apply(rule, hp, chunk, bufs, scratch, t_key, denom)    phase 3
+
+Contracts (all backends, bit for bit on the selection):
+
+* **keys**: ``score`` writes s = u * g of every piece into ``scratch[piece.offset:][:piece.length]``
+  (a float32 buffer, float64 for float64 params) and turns them, in place, into
+  order-preserving integer keys (``keys_`` below: the scratch's int32/int64 view):
+  ``a < b  <=>  key(a) < key(b)``, ``-0.0`` and ``+0.0`` one key, every NaN the key
+  ``KEY_NAN = iinfo.min + 1`` (below -inf).  It may return the histogram of pass 0 (as
+  ``histogram(chunk, keys, None, 0)`` would), or None.
+* **histogram(chunk, keys, prefix, p)** -> int64 ``[n_units, 2**width_p]``: pass ``p``
+  of the radix select (``radix_widths``).  Pass 0 bins ``(key >> (bits - 12)) + 2048``;
+  pass p > 0 bins ``(key >> shift_p) & (2**width_p - 1)`` of the keys whose bits above
+  ``shift_p + width_p`` equal ``prefix[unit]`` (arithmetic shift).  Padding (unit -1) never counts.
+* **tie_counts(chunk, keys, t_key)** -> int64 ``[len(chunk.pieces)]``: per piece, how many
+  keys equal ``t_key[unit]`` (0 for padding).
+* **resolve_ties(chunk, keys, t_key, take)**: in every piece, of the keys equal to
+  ``t_key[unit]`` keep the first ``take[piece]`` (lowest index) and set the others to
+  ``t_key - 1``; afterwards ``key >= t_key[unit]`` is exactly "selected".
+* **apply(rule, hp, chunk, bufs, scratch, t_key, denom)**: phi = alpha where
+  ``key >= t_key[unit]`` else gamma (padding: gamma), divided by ``denom[unit]`` when
+  ``denom`` is given (Liang et al.'s normalisation); recompute u (``rule.direction``),
+  ``p *= 1 - lr*wd``, ``p -= lr_eff * phi * u`` (authors' convention: decay after the step),
+  then ``rule.finish`` for late-state rules.  The scratch may be overwritten.
+* **cautious(rule, hp, chunk, bufs, t_const)** -> bool: optional fused one-pass cautious
+  step (no scratch); returns False when the backend has none for this rule, and the
+  pipeline then runs score + apply with the constant threshold.
+* **select_local(chunk, keys)** -> ``t_key`` or None: optional exact fast path for chunks
+  whose units are all on this rank (CPU: introselect); it must leave the keys so that
+  ``key >= t_key[unit]`` is exactly "selected" (ties resolved).
+
+Nothing here synchronises with the host on an accelerator: thresholds, counts and
+prefixes stay device tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["Bufs", "Backend", "key_dtype", "KEY_NAN", "radix_widths", "keys_", "key_of"]
+
+
+@dataclass
+class Bufs:
+    """The group's local buffers by buffer index (flat views; None where there is no gradient
+    this step), its state tensors by name, and per-buffer step-dependent scalars."""
+
+    params: List[Optional[Tensor]]
+    grads: List[Optional[Tensor]]
+    states: Dict[str, List[Optional[Tensor]]]
+    bc1: List  # 1 - beta1**t per buffer (floats or 0-d device tensors); 1.0 when unused
+    bc2: List
+
+
+def key_dtype(float_dtype: torch.dtype) -> torch.dtype:
+    return torch.int64 if float_dtype == torch.float64 else torch.int32
+
+
+def KEY_NAN(dtype: torch.dtype) -> int:  # noqa: N802 - a constant per dtype
+    """Every NaN's key: one above the integer minimum, so that ``t - 1`` never wraps."""
+    return torch.iinfo(dtype).min + 1
+
+
+def radix_widths(nbits: int) -> List[int]:
+    """Bits resolved per radix pass: 12 first (4096 bins: an octave of scores cut 16 ways),
+    then 10 at a time: 12+10+10 for 32-bit keys, 12+10*5+2 for 64-bit ones."""
+    widths, left = [12], nbits - 12
+    while left > 0:
+        widths.append(min(10, left))
+        left -= widths[-1]
+    return widths
+
+
+def keys_(x: Tensor) -> Tensor:
+    """Turn the float scores ``x`` (float32/float64, contiguous) into their order keys in
+    place and return the integer view.  IEEE bits are sign-magnitude: flipping the
+    magnitude bits of negatives makes them two's-complement ordered.  -0.0 + 0.0 = +0.0.
+    NaN bit patterns land above +inf's key (or below -inf's): they are sent to KEY_NAN."""
+    ity = key_dtype(x.dtype)
+    nbits = torch.iinfo(ity).bits
+    x.add_(0.0)
+    bits = x.view(ity)
+    flip = torch.bitwise_right_shift(bits, nbits - 1)  # 0 or -1 (all ones)
+    flip.bitwise_and_(torch.iinfo(ity).max)
+    bits.bitwise_xor_(flip)
+    del flip
+    inf_key = 0x7FF0000000000000 if nbits == 64 else 0x7F800000
+    nan = (bits > inf_key) | (bits < -inf_key - 1)  # key(-inf) == -inf_key - 1
+    return bits.masked_fill_(nan, KEY_NAN(ity))
+
+
+def key_of(value: Tensor, ity: torch.dtype) -> Tensor:
+    """The key of float values (any shape), as a new tensor."""
+    fdt = torch.float64 if ity == torch.int64 else torch.float32
+    return keys_(value.to(fdt, copy=True).contiguous())
+
+
+def float_of_key(key: Tensor) -> Tensor:
+    """Inverse of ``keys_`` for non-NaN keys."""
+    ity = key.dtype
+    nbits = torch.iinfo(ity).bits
+    flip = torch.bitwise_right_shift(key, nbits - 1).bitwise_and_(torch.iinfo(ity).max)
+    bits = key ^ flip
+    return bits.view(torch.float64 if nbits == 64 else torch.float32)
+
+
+class Backend:
+    """Base class: see the module docstring.  ``TorchOps`` implements everything with
+    plain torch ops; other backends override what they accelerate."""
+
+    name = "abstract"
+
+    def score(self, rule, hp, chunk, bufs: Bufs, scratch: Tensor) -> Optional[Tensor]:
+        raise NotImplementedError
+
+    def histogram(self, chunk, keys: Tensor, prefix: Optional[Tensor], p: int) -> Tensor:
+        raise NotImplementedError
+
+    def tie_counts(self, chunk, keys: Tensor, t_key: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def resolve_ties(self, chunk, keys: Tensor, t_key: Tensor, take: Tensor) -> None:
+        raise NotImplementedError
+
+    def apply(self, rule, hp, chunk, bufs: Bufs, scratch: Tensor, t_key: Tensor, denom: Optional[Tensor]) -> None:
+        raise NotImplementedError
+
+    def cautious(self, rule, hp, chunk, bufs: Bufs, t_const: int) -> bool:
+        return False
+
+    def select_local(self, chunk, keys: Tensor) -> Optional[Tensor]:
+        return None

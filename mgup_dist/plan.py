@@ -1,0 +1,239 @@
+"""The plan of a param group: which ranges of which local buffers are scored, selected and
+updated together.  Built on the host from layouts only (facts identical on every rank),
+cached, and rebuilt when a layout or the group's scope changes.
+
+Terms
+-----
+* **buffer**: a param's local tensor, flattened (a whole tensor, a DTensor shard, a ZeRO
+  partition, an FSDP1 FlatParameter shard).
+* **piece**: a contiguous range of one buffer that lies in one segment of one original
+  tensor (or in padding, which is updated with ``gamma`` and never selected).
+* **unit**: what one top-K ranges over (``scope``): an original tensor (``tensor``), a
+  piece (``shard``), or the whole param group (``global``).
+* **chunk**: pieces processed together.  Phase 1 writes their order keys into one scratch
+  of ``chunk.numel`` elements, so the scratch, not the model, bounds a step's extra memory.
+  A *split* chunk holds units resolved with other ranks: every rank builds the same split
+  chunks, in the same order, from ``Layout.collective``, and enters the same collectives.
+
+Memory bound: a local chunk holds at most ``max(largest piece, CHUNK_ELEMS)`` elements; a
+split chunk at most ``max(largest split tensor, world * CHUNK_ELEMS)`` elements of the
+*global* tensors, of which this rank holds its share.  ``scope="global"`` is one chunk
+(the whole group is one unit).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .layout import Layout
+
+__all__ = ["CHUNK_ELEMS", "Piece", "Chunk", "GroupPlan", "build_plan", "num_selected", "SCOPES"]
+
+SCOPES = ("tensor", "shard", "global", "global_approx")
+CHUNK_ELEMS = 1 << 22  # 4M elements: below this, chunking buys no memory and costs launches
+
+
+def num_selected(mask_ratio: float, n: int) -> int:
+    """K = floor(mask_ratio * N), computed so that e.g. 0.57 * 100 gives 57, not 56 (a float
+    product that falls short of an integer by rounding only counts as that integer)."""
+    k = math.floor(mask_ratio * n + 1e-9 * max(n, 1))
+    return max(0, min(n, k))
+
+
+@dataclass(frozen=True)
+class Piece:
+    buf: int  # index of the buffer in the group's param order
+    start: int  # offset in the flat local buffer
+    length: int
+    unit: int  # unit index within the chunk; -1: padding
+    order: Tuple  # position within the unit, comparable across ranks (tie order)
+    offset: int  # offset in the chunk's scratch
+    slot: int  # index of this piece in the chunk's tie-count vector (all ranks' pieces)
+    shape: Optional[Tuple[int, ...]] = None  # the original tensor's shape (Muon's whole-matrix step)
+
+
+@dataclass
+class Chunk:
+    pieces: Tuple[Piece, ...]
+    numel: int
+    k: Tuple[int, ...]  # K per unit
+    n: Tuple[int, ...]  # N per unit (all ranks)
+    split: bool  # resolved together with the other ranks of ``group``
+    n_slots: int  # pieces of this chunk's units over all ranks
+    group: object = None
+    slot_unit: Tuple[int, ...] = ()  # unit of every slot
+    cache: Dict = field(default_factory=dict)  # device tables, owned by the backend
+
+    @property
+    def n_units(self) -> int:
+        return len(self.k)
+
+    def active(self, has_grad: Sequence[bool]) -> "Chunk":
+        """The chunk restricted to buffers that have a gradient this step (same units, same
+        slots: the collectives do not change shape)."""
+        key = ("active", tuple(has_grad[p.buf] for p in self.pieces))
+        hit = self.cache.get(key)
+        if hit is None:
+            pieces, off = [], 0
+            for p in self.pieces:
+                if has_grad[p.buf]:
+                    pieces.append(Piece(p.buf, p.start, p.length, p.unit, p.order, off, p.slot, p.shape))
+                    off += p.length
+            hit = Chunk(tuple(pieces), off, self.k, self.n, self.split, self.n_slots, self.group, self.slot_unit)
+            self.cache[key] = hit
+        return hit
+
+
+@dataclass
+class GroupPlan:
+    chunks: List[Chunk]
+    scope: str
+    mask_ratio: float
+    group: object  # process group of the split chunks (None: default)
+    world: int
+
+
+def _world(group) -> int:
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def collective_group(layouts: Sequence[Layout]):
+    """The one process group over which a param group's split tensors are resolved."""
+    groups = {id(lay.group): lay.group for lay in layouts if lay.collective or lay.group is not None}
+    if len(groups) > 1:
+        raise ValueError(
+            "all parameters of one param group must share one process group in their layouts "
+            f"(found {len(groups)} different groups); put differently-sharded params in separate param groups"
+        )
+    return next(iter(groups.values())) if groups else None
+
+
+def _pack(items: List[Tuple[int, ...]], sizes: List[int], cap: int) -> List[List[int]]:
+    """Greedy consecutive packing of items into bins of at most ``cap`` (an item larger than
+    cap gets a bin of its own)."""
+    bins, cur, used = [], [], 0
+    for i, sz in zip(items, sizes):
+        if cur and used + sz > cap:
+            bins.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += sz
+    if cur:
+        bins.append(cur)
+    return bins
+
+
+def build_plan(layouts: Sequence[Layout], scope: str, mask_ratio: float) -> GroupPlan:
+    """Pieces, units and chunks of a param group from its buffers' layouts (one per param,
+    in param order).  Collective only when the group has split tensors (or ``global`` scope
+    over ranks): then every rank must call it, at the same point."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    group = collective_group(layouts)
+    world = _world(group)
+    structured = any(lay.group is not None or lay.collective for lay in layouts)
+    distributed = world > 1 and structured
+
+    # every range of every buffer: (buf, start, length, segment or None)
+    ranges = []
+    for b, lay in enumerate(layouts):
+        pos = 0
+        for seg in sorted(lay.segments, key=lambda s: s.local_start):
+            if seg.local_start > pos:
+                ranges.append((b, pos, seg.local_start - pos, None))
+            if seg.length:
+                ranges.append((b, seg.local_start, seg.length, seg))
+            pos = seg.local_start + seg.length
+        if lay.numel > pos:
+            ranges.append((b, pos, lay.numel - pos, None))
+
+    chunks: List[Chunk] = []
+    if scope == "global" or (scope == "global_approx"):
+        # one unit: the whole group (global_approx: this rank's part of it; see selection)
+        split = distributed and scope == "global"
+        units = [(0, (seg.tensor_id, seg.global_start), b, s, n, seg.global_shape) for b, s, n, seg in ranges if seg is not None]
+        pads = [(b, s, n) for b, s, n, seg in ranges if seg is None]
+        chunks.append(_make_chunk(units, pads, {0: None}, split, group, world, mask_ratio))
+        return GroupPlan(chunks, scope, mask_ratio, group, world)
+
+    collective: Dict[Hashable, int] = {}
+    for lay in layouts:
+        for tid, numel in lay.collective:
+            prev = collective.setdefault(tid, numel)
+            assert prev == numel, f"tensor {tid!r} listed with two sizes ({prev}, {numel})"
+    split_ids = sorted(collective) if (scope == "tensor" and distributed) else []
+    split_set = set(split_ids)
+
+    local_items, local_sizes = [], []
+    split_pieces: Dict[Hashable, List] = {t: [] for t in split_ids}
+    for b, s, n, seg in ranges:
+        if seg is not None and seg.tensor_id in split_set:
+            split_pieces[seg.tensor_id].append((b, s, n, seg))
+        else:
+            if seg is not None and scope == "tensor":
+                assert seg.is_whole or not distributed, f"segment {seg} is split but its tensor is not in Layout.collective"
+            local_items.append((b, s, n, seg))
+            local_sizes.append(n)
+
+    # local chunks: whole tensors (tensor scope), pieces (shard scope), padding
+    cap = max([CHUNK_ELEMS] + local_sizes)
+    for bin_ in _pack(local_items, local_sizes, cap):
+        units, pads, unit_n = [], [], {}
+        for b, s, n, seg in bin_:
+            if seg is None:
+                pads.append((b, s, n))
+                continue
+            j = len(unit_n)
+            unit_n[j] = n if scope == "shard" else seg.global_numel
+            units.append((j, (seg.global_start,), b, s, n, seg.global_shape))
+        chunks.append(_make_chunk(units, pads, unit_n, False, group, 1, mask_ratio))
+
+    # split chunks: identical on every rank (from Layout.collective)
+    if split_ids:
+        cap_s = max(max(collective.values()), world * CHUNK_ELEMS)
+        for bin_ in _pack(split_ids, [collective[t] for t in split_ids], cap_s):
+            units, unit_n = [], {}
+            for j, tid in enumerate(bin_):
+                unit_n[j] = collective[tid]
+                for b, s, n, seg in split_pieces[tid]:
+                    units.append((j, (seg.global_start,), b, s, n, seg.global_shape))
+            chunks.append(_make_chunk(units, [], unit_n, True, group, world, mask_ratio))
+    return GroupPlan(chunks, scope, mask_ratio, group, world)
+
+
+def _make_chunk(units, pads, unit_n, split, group, world, mask_ratio) -> Chunk:
+    """units: (unit, order, buf, start, length, shape); pads: (buf, start, length).  Pieces are
+    laid out in (unit, order) order, so that a unit's pieces are consecutive in the scratch
+    and the tie prefix runs in index order.  Slots number the pieces of all ranks in
+    (unit, order) order; for a split chunk they are agreed with one all_gather_object here,
+    at plan time (not per step)."""
+    units = sorted(units, key=lambda u: (u[0], u[1]))
+    mine = [(u[0], u[1]) for u in units]
+    if split and world > 1:
+        gathered: List = [None] * world
+        dist.all_gather_object(gathered, (mine, [u[4] for u in units]), group=group)
+        everyone = sorted({(j, o) for part, _ in gathered for j, o in part})
+        if unit_n.get(0, 0) is None:  # global scope: N is the sum over ranks
+            unit_n = {0: sum(sum(ls) for _, ls in gathered)}
+    else:
+        everyone = mine
+        if unit_n.get(0, 0) is None:
+            unit_n = {0: sum(u[4] for u in units)}
+    slot_of = {key: i for i, key in enumerate(everyone)}
+    pieces, off = [], 0
+    for j, order, b, s, n, shape in units:
+        pieces.append(Piece(b, s, n, j, order, off, slot_of[(j, order)], shape))
+        off += n
+    for b, s, n in pads:
+        pieces.append(Piece(b, s, n, -1, (), off, -1))
+        off += n
+    n_units = len(unit_n)
+    ns = tuple(unit_n[j] for j in range(n_units))
+    ks = tuple(num_selected(mask_ratio, n) for n in ns)
+    return Chunk(tuple(pieces), off, ks, ns, split, len(everyone), group, tuple(j for j, _ in everyone))

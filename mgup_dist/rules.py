@@ -1,0 +1,213 @@
+"""Each base rule declared once: its state, its score (phase 1) and its direction (phase 3).
+
+A step of every MGUP optimizer is one pipeline (``mgup_dist.pipeline``)::
+
+    score  (phase 1)   moments, direction u, alignment score s = u * g  -> order keys in a scratch
+    select (phase 2)   the K-th key per selection unit (``mgup_dist.selection``), ties to the lower index
+    apply  (phase 3)   phi = alpha if selected else gamma;  p *= 1 - lr*wd;  p -= lr * phi * u
+
+``u`` is not stored between phases 1 and 3 (it would cost 4 bytes a parameter): phase 3
+recomputes it from the state, bit for bit as phase 1 did.  Rules whose ``u`` can be
+recomputed from the *updated* state (AdamW, Muon) update it in phase 1; a rule whose ``u``
+needs the *old* state (Lion: ``u = sign(b1*m + (1-b1)*g)`` before ``m`` moves) sets
+``late_state`` and updates its state in phase 3, after the step.
+
+This module holds the math in plain torch ops over lists of flat tensors (``torch._foreach_*``,
+so that one call serves many tensors); the for-loop path calls the same functions with lists
+of one tensor, so the two agree bit for bit.  Backends with their own kernels
+(``mgup_dist.kernels``) implement the same formulas; the float64 reference
+(``mgup_dist.reference``) is the specification all of them are tested against.
+
+Hyperparameters reach the rules as ``hp``: a dict with the param group's values plus, per
+tensor, what depends on the step (``bc1``, ``bc2``: bias corrections; python floats, or 0-d
+tensors on the device when the step counter lives there).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["Rule", "ADAMW", "LION", "MUON", "RULES", "CONVENTIONS", "NS_COEFFS", "newton_schulz", "muon_lr_scale"]
+
+#: ``torch``: eps on the bias-corrected sqrt(v_hat) (torch.optim.AdamW).  ``authors``: the MGUP
+#: authors' code (Hugging Face's old AdamW): eps on the uncorrected sqrt(v), bias correction
+#: folded into the step size, weight decay after the step, cautious alpha also where s == 0.
+CONVENTIONS = ("torch", "authors")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A base optimizer as MGUP sees it.
+
+    ``state``: names of the state tensors shaped like the parameter (torch's names);
+    ``step``: whether it keeps a ``step`` counter; ``late_state``: see the module doc;
+    ``score(grads, states, hp, outs)``: phase 1, writes s into ``outs`` (float views);
+    ``direction(grads, states, hp, outs)``: phase 3, writes u into ``outs`` (and, for a
+    late-state rule, updates the state afterwards); ``matrix``: whether ``u`` is finished
+    on the whole matrix (Muon's Newton-Schulz) after ``direction``.
+    """
+
+    name: str
+    state: Tuple[str, ...]
+    step: bool
+    late_state: bool
+    score: Callable
+    direction: Callable
+    finish: Optional[Callable] = None
+    matrix: bool = False
+
+
+def _neg(grads: List[Tensor], hp) -> List[Tensor]:
+    """maximize: the rule sees -g (as torch's optimizers do)."""
+    return torch._foreach_neg(grads) if hp.get("maximize") else grads
+
+
+# ------------------------------------------------------------------------------- AdamW
+def _adamw_moments(g, m, v, hp) -> None:
+    # m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g^2
+    b1, b2 = hp["betas"]
+    torch._foreach_mul_(m, b1)
+    torch._foreach_add_(m, g, alpha=1 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, g, g, value=1 - b2)
+
+
+def _adamw_u(m, v, hp, out) -> None:
+    """torch:   u = m_hat / (sqrt(v_hat) + eps) = (m / (sqrt(v / bc2) + eps)) / bc1
+    authors: u = m / (sqrt(v) + eps)   (their bias correction sits in the step size)."""
+    torch._foreach_copy_(out, v)
+    if hp.get("convention", "torch") == "authors":
+        torch._foreach_sqrt_(out)
+        torch._foreach_add_(out, hp["eps"])
+        _div_into(m, out)
+        return
+    torch._foreach_div_(out, hp["bc2"])
+    torch._foreach_sqrt_(out)
+    torch._foreach_add_(out, hp["eps"])
+    _div_into(m, out)
+    torch._foreach_div_(out, hp["bc1"])
+
+
+def _div_into(num: List[Tensor], out: List[Tensor]) -> None:
+    """out = num / out, elementwise in place (no temporary; foreach has no out= form)."""
+    for a, b in zip(num, out):
+        torch.div(a, b, out=b)
+
+
+def _adamw_score(grads, states, hp, outs) -> None:
+    g = _neg(grads, hp)
+    _adamw_moments(g, states["exp_avg"], states["exp_avg_sq"], hp)
+    _adamw_u(states["exp_avg"], states["exp_avg_sq"], hp, outs)
+    torch._foreach_mul_(outs, g)
+
+
+def _adamw_direction(grads, states, hp, outs) -> None:
+    _adamw_u(states["exp_avg"], states["exp_avg_sq"], hp, outs)
+
+
+ADAMW = Rule("adamw", ("exp_avg", "exp_avg_sq"), True, False, _adamw_score, _adamw_direction)
+
+
+# -------------------------------------------------------------------------------- Lion
+def _lion_u(g, m, hp, out) -> None:
+    # u = sign(b1*m + (1-b1)*g), from the momentum *before* this step's update
+    b1 = hp["betas"][0]
+    torch._foreach_copy_(out, m)
+    torch._foreach_mul_(out, b1)
+    torch._foreach_add_(out, g, alpha=1 - b1)
+    torch._foreach_sign_(out)
+
+
+def _lion_score(grads, states, hp, outs) -> None:
+    g = _neg(grads, hp)
+    _lion_u(g, states["exp_avg"], hp, outs)
+    torch._foreach_mul_(outs, g)
+
+
+def _lion_direction(grads, states, hp, outs) -> None:
+    _lion_u(_neg(grads, hp), states["exp_avg"], hp, outs)
+
+
+def _lion_finish(grads, states, hp) -> None:
+    # m = b2*m + (1-b2)*g, after the step
+    b2 = hp["betas"][1]
+    m = states["exp_avg"]
+    torch._foreach_mul_(m, b2)
+    torch._foreach_add_(m, _neg(grads, hp), alpha=1 - b2)
+
+
+LION = Rule("lion", ("exp_avg",), False, True, _lion_score, _lion_direction, finish=_lion_finish)
+
+
+# -------------------------------------------------------------------------------- Muon
+def _muon_x(g, buf, hp, out) -> None:
+    # x = g + mu*buf (Nesterov) or buf: the momentum that Newton-Schulz orthogonalises
+    if hp["nesterov"]:
+        torch._foreach_copy_(out, g)
+        torch._foreach_add_(out, buf, alpha=hp["momentum"])
+    else:
+        torch._foreach_copy_(out, buf)
+
+
+def _muon_score(grads, states, hp, outs) -> None:
+    # buf = mu*buf + g; s = x * g: the momentum *before* orthogonalisation, which aligns
+    # coordinate-wise with the gradient (NS5(x) mixes coordinates)
+    g = _neg(grads, hp)
+    buf = states["momentum_buffer"]
+    torch._foreach_mul_(buf, hp["momentum"])
+    torch._foreach_add_(buf, g)
+    _muon_x(g, buf, hp, outs)
+    torch._foreach_mul_(outs, g)
+
+
+def _muon_direction(grads, states, hp, outs) -> None:
+    _muon_x(_neg(grads, hp), states["momentum_buffer"], hp, outs)
+
+
+MUON = Rule("muon", ("momentum_buffer",), False, False, _muon_score, _muon_direction, matrix=True)
+
+RULES: Dict[str, Rule] = {r.name: r for r in (ADAMW, LION, MUON)}
+
+
+# ------------------------------------------------------------------------ Newton-Schulz
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(x: Tensor, steps: int = 5, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Quintic Newton-Schulz iteration towards the orthogonal factor U V^T of x = U S V^T
+    (Keller Jordan's coefficients; singular values land in about [0.7, 1.2]).
+
+    Runs in ``dtype`` (default: x's dtype, fp32 for half-precision input).  X is scaled by
+    its largest absolute entry before the Frobenius normalisation, so that ||X||_F cannot
+    overflow for huge finite input (3e38 squared is inf in fp32); the result is the same
+    because NS depends on X / ||X||_F only.  Non-finite input gives a non-finite result:
+    the caller decides what to do with it."""
+    assert x.ndim == 2, x.shape
+    a, b, c = NS_COEFFS
+    if dtype is None:
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    X = x.to(dtype, copy=True)
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T
+    amax = X.abs().amax().clamp_min(torch.finfo(X.dtype).tiny)
+    X = X / amax
+    X = X / (X.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if transposed:
+        X = X.T
+    return X
+
+
+def muon_lr_scale(shape: Sequence[int]) -> float:
+    """Moonlight's 0.2 * sqrt(max(A, B)) matches the update RMS to AdamW's, so one lr
+    serves the matrices and the AdamW-fallback params alike."""
+    return 0.2 * math.sqrt(max(shape[0], shape[1]))
