@@ -26,9 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
-import torch
-import torch.distributed as dist
-
+from .collectives import all_gather_object, world_size
 from .layout import Layout
 
 __all__ = ["CHUNK_ELEMS", "Piece", "Chunk", "GroupPlan", "build_plan", "num_selected", "SCOPES"]
@@ -54,6 +52,8 @@ class Piece:
     offset: int  # offset in the chunk's scratch
     slot: int  # index of this piece in the chunk's tie-count vector (all ranks' pieces)
     shape: Optional[Tuple[int, ...]] = None  # the original tensor's shape (Muon's whole-matrix step)
+    tensor: int = -1  # index into Chunk.tensors when the original tensor is split across ranks
+    gstart: int = 0  # global_start of the piece in its original tensor
 
 
 @dataclass
@@ -66,6 +66,8 @@ class Chunk:
     n_slots: int  # pieces of this chunk's units over all ranks
     group: object = None
     slot_unit: Tuple[int, ...] = ()  # unit of every slot
+    tensors: Tuple[Tuple[Hashable, int], ...] = ()  # split tensors held in this chunk (all ranks): (id, numel)
+    collective: bool = False  # every rank enters this chunk (selection or whole-matrix assembly)
     cache: Dict = field(default_factory=dict)  # device tables, owned by the backend
 
     @property
@@ -81,9 +83,9 @@ class Chunk:
             pieces, off = [], 0
             for p in self.pieces:
                 if has_grad[p.buf]:
-                    pieces.append(Piece(p.buf, p.start, p.length, p.unit, p.order, off, p.slot, p.shape))
+                    pieces.append(Piece(p.buf, p.start, p.length, p.unit, p.order, off, p.slot, p.shape, p.tensor, p.gstart))
                     off += p.length
-            hit = Chunk(tuple(pieces), off, self.k, self.n, self.split, self.n_slots, self.group, self.slot_unit)
+            hit = Chunk(tuple(pieces), off, self.k, self.n, self.split, self.n_slots, self.group, self.slot_unit, self.tensors, self.collective)
             self.cache[key] = hit
         return hit
 
@@ -95,12 +97,6 @@ class GroupPlan:
     mask_ratio: float
     group: object  # process group of the split chunks (None: default)
     world: int
-
-
-def _world(group) -> int:
-    if not dist.is_available() or not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
 
 
 def collective_group(layouts: Sequence[Layout]):
@@ -129,16 +125,22 @@ def _pack(items: List[Tuple[int, ...]], sizes: List[int], cap: int) -> List[List
     return bins
 
 
-def build_plan(layouts: Sequence[Layout], scope: str, mask_ratio: float) -> GroupPlan:
+def build_plan(layouts: Sequence[Layout], scope: str, mask_ratio: float, assemble: bool = False) -> GroupPlan:
     """Pieces, units and chunks of a param group from its buffers' layouts (one per param,
-    in param order).  Collective only when the group has split tensors (or ``global`` scope
-    over ranks): then every rank must call it, at the same point."""
+    in param order).  ``assemble``: the rule needs each split tensor whole (Muon), so split
+    tensors go into chunks identical on every rank whatever the scope.  Collective (one
+    all_gather_object, at plan time) when the group has split tensors: then every rank
+    must call it at the same point."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     group = collective_group(layouts)
-    world = _world(group)
-    structured = any(lay.group is not None or lay.collective for lay in layouts)
-    distributed = world > 1 and structured
+    world = world_size(group)
+    distributed = world > 1 and any(lay.group is not None or lay.collective for lay in layouts)
+    collective: Dict[Hashable, int] = {}
+    for lay in layouts:
+        for tid, numel in lay.collective:
+            prev = collective.setdefault(tid, numel)
+            assert prev == numel, f"tensor {tid!r} listed with two sizes ({prev}, {numel})"
 
     # every range of every buffer: (buf, start, length, segment or None)
     ranges = []
@@ -152,88 +154,92 @@ def build_plan(layouts: Sequence[Layout], scope: str, mask_ratio: float) -> Grou
             pos = seg.local_start + seg.length
         if lay.numel > pos:
             ranges.append((b, pos, lay.numel - pos, None))
+    pads = [(b, s, n) for b, s, n, seg in ranges if seg is None]
+    segs = [(b, s, n, seg) for b, s, n, seg in ranges if seg is not None]
 
-    chunks: List[Chunk] = []
-    if scope == "global" or (scope == "global_approx"):
-        # one unit: the whole group (global_approx: this rank's part of it; see selection)
+    if scope in ("global", "global_approx"):
+        # one unit, the whole group; global_approx selects locally (its collective is the
+        # averaged threshold), so only "global" is a split chunk
+        tensors = tuple(sorted(collective.items()))
+        tix = {t: i for i, (t, _) in enumerate(tensors)}
+        units = [(0, (seg.tensor_id, seg.global_start), b, s, n, seg, tix.get(seg.tensor_id, -1)) for b, s, n, seg in segs]
         split = distributed and scope == "global"
-        units = [(0, (seg.tensor_id, seg.global_start), b, s, n, seg.global_shape) for b, s, n, seg in ranges if seg is not None]
-        pads = [(b, s, n) for b, s, n, seg in ranges if seg is None]
-        chunks.append(_make_chunk(units, pads, {0: None}, split, group, world, mask_ratio))
-        return GroupPlan(chunks, scope, mask_ratio, group, world)
+        chunk = _make_chunk(units, pads, {0: None}, split, group, world, mask_ratio, tensors, distributed)
+        return GroupPlan([chunk], scope, mask_ratio, group, world)
 
-    collective: Dict[Hashable, int] = {}
-    for lay in layouts:
-        for tid, numel in lay.collective:
-            prev = collective.setdefault(tid, numel)
-            assert prev == numel, f"tensor {tid!r} listed with two sizes ({prev}, {numel})"
-    split_ids = sorted(collective) if (scope == "tensor" and distributed) else []
+    split_ids = sorted(collective) if (scope == "tensor" or assemble) else []
     split_set = set(split_ids)
-
-    local_items, local_sizes = [], []
-    split_pieces: Dict[Hashable, List] = {t: [] for t in split_ids}
-    for b, s, n, seg in ranges:
-        if seg is not None and seg.tensor_id in split_set:
+    local, split_pieces = [], {t: [] for t in split_ids}
+    for b, s, n, seg in segs:
+        if seg.tensor_id in split_set:
             split_pieces[seg.tensor_id].append((b, s, n, seg))
         else:
-            if seg is not None and scope == "tensor":
-                assert seg.is_whole or not distributed, f"segment {seg} is split but its tensor is not in Layout.collective"
-            local_items.append((b, s, n, seg))
-            local_sizes.append(n)
+            assert scope != "tensor" or not seg.is_split, f"segment {seg} is split but its tensor is not in Layout.collective"
+            local.append((b, s, n, seg))
+    local += [(b, s, n, None) for b, s, n in pads]
 
+    chunks: List[Chunk] = []
     # local chunks: whole tensors (tensor scope), pieces (shard scope), padding
-    cap = max([CHUNK_ELEMS] + local_sizes)
-    for bin_ in _pack(local_items, local_sizes, cap):
-        units, pads, unit_n = [], [], {}
+    sizes = [n for _, _, n, _ in local]
+    for bin_ in _pack(local, sizes, max([CHUNK_ELEMS] + sizes)):
+        units, bpads, unit_n = [], [], {}
         for b, s, n, seg in bin_:
             if seg is None:
-                pads.append((b, s, n))
+                bpads.append((b, s, n))
                 continue
             j = len(unit_n)
             unit_n[j] = n if scope == "shard" else seg.global_numel
-            units.append((j, (seg.global_start,), b, s, n, seg.global_shape))
-        chunks.append(_make_chunk(units, pads, unit_n, False, group, 1, mask_ratio))
+            units.append((j, (seg.global_start,), b, s, n, seg, -1))
+        chunks.append(_make_chunk(units, bpads, unit_n, False, group, 1, mask_ratio, (), False))
 
-    # split chunks: identical on every rank (from Layout.collective)
+    # split chunks: the same on every rank (from Layout.collective); per tensor units
+    # (scope "tensor", resolved with the other ranks) or per piece (scope "shard", local)
     if split_ids:
-        cap_s = max(max(collective.values()), world * CHUNK_ELEMS)
-        for bin_ in _pack(split_ids, [collective[t] for t in split_ids], cap_s):
+        cap = max(max(collective.values()), world * CHUNK_ELEMS)
+        for bin_ in _pack(split_ids, [collective[t] for t in split_ids], cap):
+            tensors = tuple((t, collective[t]) for t in bin_)
             units, unit_n = [], {}
-            for j, tid in enumerate(bin_):
-                unit_n[j] = collective[tid]
+            for i, tid in enumerate(bin_):
                 for b, s, n, seg in split_pieces[tid]:
-                    units.append((j, (seg.global_start,), b, s, n, seg.global_shape))
-            chunks.append(_make_chunk(units, [], unit_n, True, group, world, mask_ratio))
+                    if scope == "shard":
+                        j = len(unit_n)
+                        unit_n[j] = n
+                    else:
+                        j = i
+                        unit_n[j] = collective[tid]
+                    units.append((j, (seg.global_start,), b, s, n, seg, i))
+                if scope != "shard":
+                    unit_n.setdefault(i, collective[tid])
+            split = scope != "shard"
+            chunks.append(_make_chunk(units, [], unit_n, split, group, world, mask_ratio, tensors, True))
     return GroupPlan(chunks, scope, mask_ratio, group, world)
 
 
-def _make_chunk(units, pads, unit_n, split, group, world, mask_ratio) -> Chunk:
-    """units: (unit, order, buf, start, length, shape); pads: (buf, start, length).  Pieces are
-    laid out in (unit, order) order, so that a unit's pieces are consecutive in the scratch
-    and the tie prefix runs in index order.  Slots number the pieces of all ranks in
-    (unit, order) order; for a split chunk they are agreed with one all_gather_object here,
-    at plan time (not per step)."""
+def _make_chunk(units, pads, unit_n, split, group, world, mask_ratio, tensors, collective) -> Chunk:
+    """units: (unit, order, buf, start, length, segment, tensor index); pads: (buf, start,
+    length).  Pieces are laid out in (unit, order) order, so that a unit's pieces are
+    consecutive in the scratch and the tie prefix runs in index order.  Slots number the
+    pieces of all ranks in (unit, order) order; for a split chunk they are agreed with one
+    all_gather_object here, at plan time (not per step)."""
     units = sorted(units, key=lambda u: (u[0], u[1]))
     mine = [(u[0], u[1]) for u in units]
     if split and world > 1:
-        gathered: List = [None] * world
-        dist.all_gather_object(gathered, (mine, [u[4] for u in units]), group=group)
+        gathered = all_gather_object((mine, [u[4] for u in units]), group)
         everyone = sorted({(j, o) for part, _ in gathered for j, o in part})
-        if unit_n.get(0, 0) is None:  # global scope: N is the sum over ranks
-            unit_n = {0: sum(sum(ls) for _, ls in gathered)}
+        total = sum(sum(ls) for _, ls in gathered)
     else:
         everyone = mine
-        if unit_n.get(0, 0) is None:
-            unit_n = {0: sum(u[4] for u in units)}
+        total = sum(u[4] for u in units)
+    if unit_n.get(0, 0) is None:  # global scope: N is the group's size over all ranks
+        unit_n = {0: total}
     slot_of = {key: i for i, key in enumerate(everyone)}
     pieces, off = [], 0
-    for j, order, b, s, n, shape in units:
-        pieces.append(Piece(b, s, n, j, order, off, slot_of[(j, order)], shape))
+    for j, order, b, s, n, seg, ti in units:
+        pieces.append(Piece(b, s, n, j, order, off, slot_of[(j, order)], seg.global_shape, ti, seg.global_start))
         off += n
     for b, s, n in pads:
         pieces.append(Piece(b, s, n, -1, (), off, -1))
         off += n
-    n_units = len(unit_n)
-    ns = tuple(unit_n[j] for j in range(n_units))
+    ns = tuple(unit_n[j] for j in range(len(unit_n)))
     ks = tuple(num_selected(mask_ratio, n) for n in ns)
-    return Chunk(tuple(pieces), off, ks, ns, split, len(everyone), group, tuple(j for j, _ in everyone))
+    return Chunk(tuple(pieces), off, ks, ns, split, len(everyone), group, tuple(j for j, _ in everyone), tensors, collective)

@@ -195,9 +195,13 @@ def newton_schulz(x: Tensor, steps: int = 5, dtype: Optional[torch.dtype] = None
     transposed = X.size(0) > X.size(1)
     if transposed:
         X = X.T
+    norm = X.norm()
+    # ||X||_F overflows for huge finite entries (3e38^2 = inf in fp32); then normalise X / max|X|
+    # first, which NS cannot tell apart (it depends on X / ||X||_F only).  Both are computed, so
+    # that no value is read back to the host; the usual case is bitwise the plain formula.
     amax = X.abs().amax().clamp_min(torch.finfo(X.dtype).tiny)
-    X = X / amax
-    X = X / (X.norm() + 1e-7)
+    Xs = X / amax
+    X = torch.where(torch.isfinite(norm), X / (norm + 1e-7), Xs / (Xs.norm() + 1e-7))
     for _ in range(steps):
         A = X @ X.T
         B = b * A + c * (A @ A)

@@ -92,7 +92,7 @@ def test_importing_mgup_dist_does_not_import_torch_npu():
     probe) may import it.  Checked in a fresh interpreter."""
     code = (
         "import sys, torch\n"
-        "import mgup_dist, mgup_dist.optim, mgup_dist.functional, mgup_dist.selection, mgup_dist.device\n"
+        "import mgup_dist, mgup_dist.optim, mgup_dist.rules, mgup_dist.pipeline, mgup_dist.kernels, mgup_dist.kernels.torch_ops, mgup_dist.kernels.cpu, mgup_dist.selection, mgup_dist.device\n"
         "from mgup_dist.device import resolve_device, comm_backend\n"
         "resolve_device('cpu'); comm_backend('cpu')\n"
         "opt = mgup_dist.MGUPAdamW([torch.nn.Parameter(torch.zeros(3))])\n"

@@ -35,7 +35,7 @@ from typing import Dict, Hashable, List, Sequence, Tuple
 
 import torch
 
-from mgup_dist.layout import Layout, Segment, whole_layout
+from mgup_dist.layout import Layout, Segment, _holders, chunk_rows, dtensor_layout, whole_layout  # noqa: F401  (re-exported)
 
 __all__ = [
     "chunk_rows",
@@ -48,110 +48,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- FSDP2
-
-
-def chunk_rows(dim0: int, world: int, coord: int) -> Tuple[int, int]:
-    """Rows ``[start, end)`` that ``torch.chunk(dim0 rows, world)`` gives to ``coord``.
-
-    ``torch.chunk`` makes pieces of ``ceil(dim0 / world)`` rows; the last non-empty
-    piece is shorter and ranks past it get nothing (so e.g. 3 rows over 4 ranks is
-    1, 1, 1, 0 and 9 rows over 4 ranks is 3, 3, 3, 0).
-    """
-    if world < 1 or not 0 <= coord < world:
-        raise ValueError(f"chunk_rows: need world >= 1 and 0 <= coord < world, got world={world}, coord={coord}")
-    if dim0 <= 0:
-        return 0, 0
-    c = -(-dim0 // world)
-    start = min(coord * c, dim0)
-    return start, min(start + c, dim0)
-
-
-def _holders(dim0: int, world: int) -> int:
-    """How many ranks hold a non-empty piece of a ``dim0``-row tensor (global info)."""
-    if dim0 <= 0:
-        return 0
-    c = -(-dim0 // world)
-    return -(-dim0 // c)
-
-
-def _is_strided_shard(placement) -> bool:
-    try:
-        from torch.distributed.tensor.placement_types import _StridedShard
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return isinstance(placement, _StridedShard)
-
-
-def dtensor_layout(param, tensor_id: Hashable) -> Layout:
-    """Layout of one FSDP2 DTensor parameter's local shard (``param.to_local()``).
-
-    Supported placements: ``Shard(0)`` on at most one mesh dimension, ``Replicate()``
-    on the others (FSDP2 and HSDP).  A fully replicated DTensor is whole on every rank.
-    The local shard is a contiguous range of the flattened tensor; ``collective`` lists
-    the tensor when more than one rank of the shard dimension holds a non-empty piece,
-    a fact that depends only on the global shape and the mesh, so every rank agrees.
-    """
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    if not isinstance(param, DTensor):
-        raise ValueError(f"dtensor_layout: param must be a DTensor, got {type(param).__name__}")
-    mesh = param.device_mesh
-    placements = tuple(param.placements)
-    shape = tuple(param.shape)
-    numel = math.prod(shape)
-    local = param.to_local()
-
-    shard_dims = []
-    for d, pl in enumerate(placements):
-        if isinstance(pl, Replicate):
-            continue
-        if isinstance(pl, Shard) and not _is_strided_shard(pl):
-            dim = pl.dim if pl.dim >= 0 else pl.dim + len(shape)
-            if dim != 0:
-                raise ValueError(
-                    f"dtensor_layout: placement {pl} on mesh dim {d} is not supported; allowed: Shard(0) "
-                    "(FSDP2's default; a Shard(dim>0) local piece is not a contiguous range of the flat tensor) "
-                    "and Replicate()"
-                )
-            shard_dims.append(d)
-            continue
-        raise ValueError(
-            f"dtensor_layout: placement {pl} on mesh dim {d} is not supported; allowed: Shard(0) and Replicate() "
-            "(tensor-parallel DTensors are not handled by the FSDP layout)"
-        )
-    if len(shard_dims) > 1:
-        raise ValueError(
-            f"dtensor_layout: placements {placements} shard dim 0 on several mesh dims; allowed: Shard(0) on one "
-            "mesh dim (FSDP2 / HSDP)"
-        )
-
-    if not shard_dims:  # replicated: every rank holds the whole tensor, nothing to resolve
-        assert local.numel() == numel, (tuple(local.shape), shape)
-        return whole_layout(local.reshape(shape) if numel else local, tensor_id)
-
-    d = shard_dims[0]
-    world = mesh.size(d)
-    coord = mesh.get_local_rank(d)
-    dim0 = shape[0]
-    row = numel // dim0 if dim0 else 0
-    r0, r1 = chunk_rows(dim0, world, coord)
-    length = (r1 - r0) * row
-    # The arithmetic above must be what the DTensor really holds; a mismatch means a
-    # placement rule we do not model (e.g. a padded local tensor), and silently wrong
-    # offsets would select the wrong elements.
-    assert local.numel() == length, (
-        f"dtensor_layout: local shard of tensor {tensor_id!r} (global shape {shape}, {placements}) has "
-        f"{local.numel()} elements; torch.chunk rows {r0}:{r1} give {length}"
-    )
-    assert local.is_contiguous(), "dtensor_layout: FSDP2's Shard(0) local tensor is expected contiguous"
-    split = _holders(dim0, world) > 1
-    segs = (Segment(tensor_id, 0, length, r0 * row, numel, shape),) if length else ()
-    return Layout(
-        segments=segs,
-        numel=length,
-        group=mesh.get_group(d) if world > 1 else None,
-        collective=((tensor_id, numel),) if split else (),
-    )
 
 
 # --------------------------------------------------------------------------- FSDP1

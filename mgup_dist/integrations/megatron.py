@@ -306,7 +306,7 @@ def _init_state_fn(opt, config=None) -> None:
         for p in group["params"]:
             if p.numel() == 0:  # placeholder params (see _add_placeholders) never hold state
                 continue
-            opt._init_adamw_state(p, opt.state[p])
+            opt.init_state(p)
 
 
 def _extra_state_keys(opt) -> List[str]:

@@ -7,3 +7,44 @@ device type of the group's params and its hyperparameters), never from local dat
     cpu.py           CPU: introselect (numpy) for whole tensors, Inductor-fused phases (compile=True)
     triton_cuda.py   CUDA: multi-tensor Triton kernels (imported lazily: never on CPU-only installs)
 """
+from __future__ import annotations
+
+import torch
+
+from .base import Backend, Bufs
+
+__all__ = ["Backend", "Bufs", "get_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "cpu", "triton")
+
+
+def get_backend(device: torch.device, *, foreach: bool = True, compile: bool = False, kind: str = "auto", workspace=None) -> Backend:
+    """The backend for a param group on ``device``: decided from the device type and the
+    group's options only (identical on every rank).  ``kind="auto"``: CPU -> cpu, CUDA ->
+    triton (when Triton imports and not ``foreach=False``), anything else (NPU, ...) -> torch."""
+    if kind not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {kind!r}")
+    dtype = device.type
+    if kind == "auto":
+        kind = "cpu" if dtype == "cpu" else ("triton" if dtype == "cuda" and foreach and _triton_ok() else "torch")
+    if kind == "cpu":
+        from .cpu import CPU
+
+        return CPU(foreach, workspace=workspace, compile=compile)
+    if kind == "triton":
+        from .triton_cuda import TritonCUDA
+
+        return TritonCUDA(foreach)
+    from .torch_ops import TorchOps
+
+    return TorchOps(foreach)
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from . import triton_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -43,7 +43,7 @@ class TorchOps(Backend):
         t = chunk.cache.get(key)
         if t is None:
             ps = chunk.pieces
-            unit = torch.tensor([p.unit if p.unit >= 0 else chunk.n_units for p in ps] or [0], dtype=torch.int64)
+            unit = torch.tensor([p.unit if p.unit >= 0 else chunk.n_units for p in ps] or [0], dtype=torch.int32)
             t = {
                 "lengths": torch.tensor([p.length for p in ps] or [0], dtype=torch.int64, device=device),
                 "unit": unit.to(device),
@@ -53,10 +53,12 @@ class TorchOps(Backend):
         return t
 
     def _elem_piece(self, chunk, device) -> Tensor:
-        """Piece index of every scratch element (int64, chunk.numel): transient, not cached."""
+        """Piece index of every scratch element (int32: 4 bytes an element, transient)."""
         t = self._tables(chunk, device)
         n = len(chunk.pieces)
-        return torch.repeat_interleave(torch.arange(max(n, 1), device=device), t["lengths"], output_size=chunk.numel)
+        return torch.repeat_interleave(
+            torch.arange(max(n, 1), dtype=torch.int32, device=device), t["lengths"], output_size=chunk.numel
+        )
 
     def _elem_unit(self, chunk, device) -> Tensor:
         return self._tables(chunk, device)["unit"].index_select(0, self._elem_piece(chunk, device))
@@ -116,7 +118,7 @@ class TorchOps(Backend):
             digit = ((k >> shift) & (nb - 1)).to(torch.int64)
             pre = torch.cat([prefix, prefix.new_zeros(1)]).index_select(0, unit)
             valid = ((k >> (shift + width)).to(torch.int64) == pre) & (unit < U)
-        idx = torch.where(valid, unit * nb + digit, torch.full_like(digit, U * nb))
+        idx = torch.where(valid, unit.to(torch.int64) * nb + digit, torch.full_like(digit, U * nb))
         return _hist(idx, U * nb + 1)[: U * nb].view(U, nb)
 
     def _ties(self, chunk, keys, t_key):
@@ -130,7 +132,9 @@ class TorchOps(Backend):
             return torch.zeros(0, dtype=torch.int64, device=keys.device)
         tie = self._ties(chunk, keys, t_key)
         piece = self._elem_piece(chunk, keys.device)
-        return torch.zeros(len(chunk.pieces), dtype=torch.int64, device=keys.device).scatter_add_(0, piece, tie.to(torch.int64))
+        return torch.zeros(len(chunk.pieces), dtype=torch.int64, device=keys.device).scatter_add_(
+            0, piece.to(torch.int64), tie.to(torch.int64)
+        )
 
     def resolve_ties(self, chunk, keys, t_key, take):
         if not chunk.pieces:
@@ -151,15 +155,16 @@ class TorchOps(Backend):
         unit = self._elem_unit(chunk, k.device)
         t_ext = torch.cat([t_key, t_key.new_full((1,), torch.iinfo(k.dtype).max)])
         sel = k >= t_ext.index_select(0, unit)
-        phi = torch.where(
-            sel, torch.tensor(hp["alpha"], dtype=dtype, device=k.device), torch.tensor(hp["gamma"], dtype=dtype, device=k.device)
-        )
+        # exactly alpha or gamma (not a blend), made by fills: no host-to-device copy
+        phi = torch.full(sel.shape, hp["gamma"], dtype=dtype, device=k.device).masked_fill_(sel, hp["alpha"])
         if denom is not None:
             phi.div_(torch.cat([denom, denom.new_ones(1)]).to(dtype).index_select(0, unit))
         return phi
 
     def apply(self, rule, hp, chunk, bufs, scratch, t_key, denom):
         if not chunk.pieces:
+            if rule.matrix:
+                hp["matrix_hook"](chunk, [])  # the whole-matrix assembly is a collective: enter it
             return
         phi = self._phi(hp, chunk, scratch.view(_ity(scratch)), t_key, denom, scratch.dtype)
         g, st, p, u = self._views(chunk, bufs, scratch)

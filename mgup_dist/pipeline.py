@@ -1,0 +1,146 @@
+"""One MGUP step of one param group: direction -> select -> apply, chunk by chunk.
+
+    for chunk in plan:                              (mgup_dist.plan: from layouts, cached)
+        keys  = backend.score(rule, ...)            phase 1: moments, u, s = u*g -> order keys
+        t     = selection.threshold(backend, ...)   phase 2: K-th key per unit, ties (cautious: a constant)
+        backend.apply(rule, ..., t)                 phase 3: phi, weight decay, the step
+
+The scratch of a chunk (its keys) is the only per-step memory besides what a backend
+needs transiently; ``u`` is recomputed in phase 3 instead of kept.  Which chunks run, and
+so which collectives, comes from the plan, identical on every rank: a chunk marked
+``collective`` is entered by every rank even with no local piece or no gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import selection
+from .collectives import all_reduce_sum
+from .kernels.base import Bufs
+from .rules import Rule, muon_lr_scale, newton_schulz
+
+__all__ = ["GroupStep", "run_group"]
+
+
+@dataclass
+class GroupStep:
+    """What the optimizer hands the pipeline for one param group."""
+
+    rule: Rule
+    hp: Dict  # the group's hyperparameters (lr, weight_decay, alpha, gamma, betas, ...)
+    plan: object  # plan.GroupPlan
+    bufs: Bufs
+    has_grad: List[bool]
+    device: torch.device
+    float_dtype: torch.dtype  # scratch: float32, float64 for float64 params
+    scratch: Callable  # scratch(n, dtype, device) -> flat tensor of >= n elements
+
+
+def run_group(backend, st: GroupStep) -> None:
+    hp = dict(st.hp, state=st.rule.state)
+    mode, normalize = hp["mode"], hp["normalize"]
+    # Cautious: phi = alpha where s > 0, i.e. key(s) >= key(smallest positive) = 1; the
+    # authors' variant takes s >= 0, key 0.
+    t_const = 0 if hp.get("convention") == "authors" else 1
+    if st.rule.matrix:
+        hp["matrix_hook"] = _muon_hook(st, hp)
+    for chunk in st.plan.chunks:
+        c = chunk.active(st.has_grad)
+        if not c.pieces and not c.collective:
+            continue
+        if mode == "cautious" and not normalize and c.pieces and not st.rule.matrix:
+            if backend.cautious(st.rule, hp, c, st.bufs, t_const):
+                continue
+        scratch = st.scratch(c.numel, st.float_dtype, st.device)[: c.numel]
+        hist0 = backend.score(st.rule, hp, c, st.bufs, scratch) if c.pieces else None
+        keys = scratch.view(torch.int64 if st.float_dtype == torch.float64 else torch.int32)
+        denom = None
+        if mode == "cautious":
+            t = torch.full((c.n_units,), t_const, dtype=keys.dtype, device=st.device)
+            if normalize:
+                denom = _denominator(hp, c, selection.selected_counts(backend, c, keys, t), st.device)
+        elif st.plan.scope == "global_approx":
+            t = selection.approx_threshold(backend, c, keys, st.plan.mask_ratio)
+            if normalize:
+                denom = _denominator(hp, c, selection.selected_counts(backend, c, keys, t), st.device)
+        else:
+            t = selection.threshold(backend, c, keys, hist0)
+            if normalize:  # top-K selects exactly K of each unit's N: the mean of phi is known
+                denom = _topk_denominator(hp, c, st.device)
+        backend.apply(st.rule, hp, c, st.bufs, scratch, t, denom)
+
+
+def _denominator(hp, chunk, counts: torch.Tensor, device) -> torch.Tensor:
+    """Liang et al.: phi / max(mean(phi), 1e-3), mean over the unit."""
+    n = selection.unit_tables(chunk, device)["n"].clamp_min(1)
+    c = counts.to(torch.float64)
+    mean = (hp["alpha"] * c + hp["gamma"] * (n - c)) / n
+    return mean.clamp_min(1e-3)
+
+
+def _topk_denominator(hp, chunk, device) -> torch.Tensor:
+    key = ("topk_denominator", hp["alpha"], hp["gamma"], device)
+    d = chunk.cache.get(key)
+    if d is None:
+        means = [max((hp["alpha"] * k + hp["gamma"] * (n - k)) / max(n, 1), 1e-3) for k, n in zip(chunk.k, chunk.n)]
+        d = torch.tensor(means, dtype=torch.float64, device=device)
+        chunk.cache[key] = d
+    return d
+
+
+def _muon_hook(st: GroupStep, hp) -> Callable:
+    """u <- 0.2*sqrt(max(A,B)) * NS5(x) on each whole matrix.  Matrices split across ranks
+    are assembled with one all_reduce of zero-padded full buffers per chunk (x + 0 is
+    exact), in the chunk's tensor order, which every rank shares."""
+    ns_steps = hp["ns_steps"]
+
+    def ns_dtype(x):
+        want = hp.get("ns_dtype")
+        if want is None or want == "auto":
+            return torch.bfloat16 if x.device.type == "cuda" else None
+        return None if want == "param" else want
+
+    def hook(chunk, us: List[torch.Tensor]) -> None:
+        for pc, u in zip(chunk.pieces, us):
+            if pc.unit < 0 or pc.tensor >= 0:
+                continue  # padding, or a piece of a split matrix (below)
+            if pc.shape is None or len(pc.shape) != 2:
+                _not_a_matrix(pc.shape)
+            o = newton_schulz(u.view(pc.shape), ns_steps, ns_dtype(u))
+            u.copy_(o.reshape(-1)).mul_(muon_lr_scale(pc.shape))
+        if not chunk.tensors:
+            return
+        offsets, total = [], 0
+        for _, numel in chunk.tensors:
+            offsets.append(total)
+            total += numel
+        dtype = st.float_dtype
+        full = torch.zeros(total, dtype=dtype, device=st.device)
+        for pc, u in zip(chunk.pieces, us):
+            if pc.tensor >= 0:
+                a = offsets[pc.tensor] + pc.gstart
+                full[a: a + pc.length].copy_(u)
+        all_reduce_sum(full, chunk.group)
+        done = {}
+        for pc, u in zip(chunk.pieces, us):
+            if pc.tensor < 0:
+                continue
+            if pc.tensor not in done:
+                if pc.shape is None or len(pc.shape) != 2:
+                    _not_a_matrix(pc.shape)
+                a = offsets[pc.tensor]
+                x = full[a: a + chunk.tensors[pc.tensor][1]].view(pc.shape)
+                done[pc.tensor] = newton_schulz(x, ns_steps, ns_dtype(x)).reshape(-1).mul_(muon_lr_scale(pc.shape))
+            u.copy_(done[pc.tensor][pc.gstart: pc.gstart + pc.length])
+
+    return hook
+
+
+def _not_a_matrix(shape) -> None:
+    raise ValueError(
+        f"MGUPMuon: a use_muon=True param group holds a tensor of shape {shape}; Muon orthogonalises 2-D "
+        "matrices only: put it in a group with use_muon=False (AdamW) or pass it in adamw_params"
+    )
