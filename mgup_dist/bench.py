@@ -120,6 +120,9 @@ class Row:
     vs_fused: float = float("nan")
     vs_foreach: float = float("nan")
     naive_speedup: float = float("nan")
+    state_bpp: float = float("nan")  # optimizer state, bytes per parameter
+    held_bpp: float = float("nan")  # state + buffers kept between steps (CPU scratch), bytes per parameter
+    peak_mb: float = float("nan")  # extra memory at the peak of one step, MB
 
 
 def _time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int, device: torch.device) -> List[float]:
@@ -215,13 +218,18 @@ def run_bench(
     log(f"{model}: {len(params)} tensors, {n_params / 1e6:.1f}M params, {dtype}, device {dev}, "
         f"threads {torch.get_num_threads()}")
 
-    def measure(name, ratio, make, n_steps, n_warmup=warmup):
+    def measure(name, ratio, make, n_steps, n_warmup=warmup, compiled=False):
+        from mgup_dist.memory import held_bytes, state_bytes, step_peak_bytes
+
         opt = make()
         times = _time_steps(opt, n_steps, n_warmup, dev)
+        peak = step_peak_bytes(opt.step, dev, compiled)  # one more step, untimed
+        row = Row(name, ratio, statistics.median(times), times, state_bpp=state_bytes(opt) / n_params,
+                  held_bpp=held_bytes(opt) / n_params, peak_mb=peak / 2**20)
         del opt
         gc.collect()
-        row = Row(name, ratio, statistics.median(times), times)
-        log(f"  {name:<24} mask_ratio={'-' if ratio is None else ratio}: {row.median_ms:9.1f} ms")
+        log(f"  {name:<24} mask_ratio={'-' if ratio is None else ratio}: {row.median_ms:9.1f} ms, "
+            f"state {row.state_bpp:.2f} B/param, held {row.held_bpp:.2f} B/param, step peak +{row.peak_mb:.1f} MB")
         return row
 
     rows: List[Row] = []
@@ -245,7 +253,7 @@ def run_bench(
             for r in ratios:
                 label = name + ("+compile" if c else "")
                 rows.append(measure(label, r, lambda: make(params, 0.5 if r is None else r, c),
-                                    muon_steps if muon else steps))
+                                    muon_steps if muon else steps, compiled=c))
 
     base = {row.name: row.median_ms for row in rows if row.mask_ratio is None}
     for row in rows:
@@ -257,7 +265,8 @@ def run_bench(
     return rows
 
 
-HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "speed-up vs naive")
+HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "speed-up vs naive",
+          "state B/param", "held B/param", "step peak MB")
 
 
 def format_table(rows: Iterable[Row]) -> str:
@@ -267,7 +276,8 @@ def format_table(rows: Iterable[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     for r in rows:
         cells = (r.name, f(r.mask_ratio, "g"), f(r.median_ms, ".1f"), f(r.vs_fused, ".2f") + "x",
-                 f(r.vs_foreach, ".2f") + "x", f(r.naive_speedup, ".1f") + "x")
+                 f(r.vs_foreach, ".2f") + "x", f(r.naive_speedup, ".1f") + "x", f(r.state_bpp, ".2f"),
+                 f(r.held_bpp, ".2f"), f(r.peak_mb, ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["state_bytes", "held_bytes", "StepPeak"]
+__all__ = ["state_bytes", "held_bytes", "StepPeak", "step_peak_bytes"]
 
 
 def _local(t):
@@ -92,3 +92,34 @@ class StepPeak(TorchDispatchMode):
                 except (RuntimeError, NotImplementedError):  # no storage (e.g. a sparse result)
                     pass
         return out
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def step_peak_bytes(fn, device: torch.device, compiled: bool = False) -> int:
+    """Peak bytes allocated on top of what existed, while ``fn()`` runs.  CUDA: the caching
+    allocator's peak; CPU: ``StepPeak`` (tracked allocations), or, for code that runs
+    torch.compile'd kernels (``compiled``: they refuse dispatch modes), the resident-set
+    high-water mark (Linux: reset through /proc/self/clear_refs) over the resident set before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not compiled:
+        with StepPeak() as m:
+            fn()
+        return m.peak
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _rss_kb("VmRSS")
+    fn()
+    return max(0, _rss_kb("VmHWM") - base) * 1024

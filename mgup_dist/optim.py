@@ -140,6 +140,7 @@ class _MGUPOptimizer(Optimizer):
             defaults.setdefault(key, val)
         for key in _REFUSED:
             defaults.setdefault(key, False)
+        _mgup_options(defaults, " (the optimizer's defaults)")  # opt.defaults shows the resolved alpha/gamma
         super().__init__(params, defaults)
 
     # -- param groups ---------------------------------------------------------------------
@@ -469,8 +470,8 @@ class _MGUPOptimizer(Optimizer):
             if rule.step:
                 step = st["step"]
                 step.add_(1)
-                if step.device.type == "cpu":
-                    t = step.item()  # a host tensor: no device synchronisation
+                if not group["capturable"]:
+                    t = step.item()  # torch's host-side counter: no device synchronisation
                     bc1.append(1 - b1**t)
                     bc2.append(1 - b2**t)
                 else:
@@ -489,10 +490,10 @@ class _MGUPOptimizer(Optimizer):
             workspace=lambda n, dtype: self._workspace(n, dtype, device, "select"),
         )
         hp = {k: v for k, v in group.items() if k not in ("params", "_validated")}
-        run_group(backend, GroupStep(rule, hp, plan, Bufs(locs, grads, states, bc1, bc2), has_grad, device, fdt,
-                                     lambda n, dtype, dev: self._workspace(n, dtype, dev)))
-        for lp, flat in writeback:
-            lp.copy_(flat.view(lp.shape))
+        # the last statement: torch.compile(opt.step) breaks the graph inside, and nothing
+        # (no view of a param) must be live in the frame it resumes afterwards
+        return run_group(backend, GroupStep(rule, hp, plan, Bufs(locs, grads, states, bc1, bc2), has_grad, device, fdt,
+                                            lambda n, dtype, dev: self._workspace(n, dtype, dev), writeback))
 
 
 _MGUP_KEYS = ("mode", "mask_ratio", "alpha", "gamma", "tau", "scope", "normalize", "foreach", "compile", "backend",

@@ -37,6 +37,7 @@ class GroupStep:
     device: torch.device
     float_dtype: torch.dtype  # scratch: float32, float64 for float64 params
     scratch: Callable  # scratch(n, dtype, device) -> flat tensor of >= n elements
+    writeback: List = ()  # (param, contiguous copy): non-contiguous params are stepped on a copy
 
 
 def run_group(backend, st: GroupStep) -> None:
@@ -71,6 +72,8 @@ def run_group(backend, st: GroupStep) -> None:
             if normalize:  # top-K selects exactly K of each unit's N: the mean of phi is known
                 denom = _topk_denominator(hp, c, st.device)
         backend.apply(st.rule, hp, c, st.bufs, scratch, t, denom)
+    for param, flat in st.writeback:
+        param.copy_(flat.view(param.shape))
 
 
 def _denominator(hp, chunk, counts: torch.Tensor, device) -> torch.Tensor:

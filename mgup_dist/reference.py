@@ -175,7 +175,7 @@ def lion_step(
 
     # c = b1 m + (1 - b1) g ;  u = sign(c)
     c = beta1 * m + (1 - beta1) * g
-    u = torch.sign(c)
+    u = torch.where(torch.isnan(c), c, torch.sign(c))  # NaN stays NaN (torch.sign gives 0: a frozen coordinate)
     s = u * g
     phi = mgup_scale(s, mode=mode, mask_ratio=mask_ratio, alpha=alpha, gamma=gamma, normalize=normalize)
     p.mul_(1 - lr * weight_decay)

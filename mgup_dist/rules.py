@@ -115,12 +115,15 @@ ADAMW = Rule("adamw", ("exp_avg", "exp_avg_sq"), True, False, _adamw_score, _ada
 
 # -------------------------------------------------------------------------------- Lion
 def _lion_u(g, m, hp, out) -> None:
-    # u = sign(b1*m + (1-b1)*g), from the momentum *before* this step's update
+    # u = sign(b1*m + (1-b1)*g), from the momentum *before* this step's update.  torch's
+    # sign(NaN) is 0, which would freeze a coordinate whose momentum went NaN for ever,
+    # silently: NaN stays NaN here (and reaches the parameter, as in AdamW), so it shows.
     b1 = hp["betas"][0]
     torch._foreach_copy_(out, m)
     torch._foreach_mul_(out, b1)
     torch._foreach_add_(out, g, alpha=1 - b1)
-    torch._foreach_sign_(out)
+    for o in out:
+        torch.where(o != o, o, torch.sign(o), out=o)
 
 
 def _lion_score(grads, states, hp, outs) -> None:

@@ -122,12 +122,12 @@ def _case_id(c):
     return f"{rule}-{mode}{'' if mode == 'cautious' else f'-r{r}'}{'-norm' if normalize else ''}"
 
 
-# "loop" / "foreach": the eager paths; "compile": the torch.compile'd fused kernels (whole
-# tensors, no normalisation; tensors whose K-th score is tied across the boundary, NaN or
-# -inf, and K in {0, N}, are finished by the general path, which the tied / nan / scalar
-# tensors exercise).  The first compile costs ~20-30 s a kernel per process (cached on disk
-# through TORCHINDUCTOR_CACHE_DIR, set by conftest.py).
-PATHS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "compile": dict(foreach=True, compile=True)}
+# "loop" / "foreach": the eager CPU backend (introselect); "compile": its phases fused by
+# Inductor (the first compile costs ~20-30 s a kernel per process, cached on disk through
+# TORCHINDUCTOR_CACHE_DIR, set by conftest.py); "torch-ops*": the device-agnostic backend.
+PATHS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "compile": dict(foreach=True, compile=True),
+         # the device-agnostic backend (NPU and others): radix select in torch ops, no host reads
+         "torch-ops": dict(foreach=True, backend="torch"), "torch-ops-loop": dict(foreach=False, backend="torch")}
 
 
 @pytest.mark.timeout(600)

@@ -29,10 +29,15 @@ class CPU(TorchOps):
         # workspace(n, dtype) -> a reusable flat buffer (fresh allocations are slow on CPUs)
         self._workspace = workspace
 
+    @staticmethod
+    def _hist(idx, size):
+        return torch.bincount(idx, minlength=size)[:size]  # fastest here, and reading back is free
+
     # -- phase 2: introselect for whole units --------------------------------------------
     def select_local(self, chunk, keys) -> Optional[torch.Tensor]:
         units = [p for p in chunk.pieces if p.unit >= 0]
-        if len(units) != chunk.n_units or chunk.n_units == 0:
+        if torch.compiler.is_compiling() or len(units) != chunk.n_units or chunk.n_units == 0:
+            # numpy cannot be traced: under torch.compile(opt.step) the radix select (torch ops) runs
             return None  # a unit in several pieces (global scope): radix select
         ity = keys.dtype
         t = np.full(chunk.n_units, torch.iinfo(ity).max, dtype=np.int64)
@@ -124,6 +129,11 @@ def _key(s: torch.Tensor, ity: torch.dtype) -> torch.Tensor:
     return torch.where(s != s, torch.full_like(key, KEY_NAN(ity)), key)
 
 
+def _sign(c):
+    """sign that keeps NaN (see rules._lion_u)."""
+    return torch.where(c != c, c, torch.sign(c))
+
+
 def _adamw_u(m, v, bc1, bc2, eps, authors):
     if authors:
         return m / (torch.sqrt(v) + eps)
@@ -163,19 +173,19 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
         def score(g, m, key, b1, b2, alpha, gamma, decay):
             g = g * sgn
             fdt = torch.float64 if key.dtype == torch.int64 else torch.float32
-            s = (torch.sign(m * b1 + g * (1 - b1)) * g).to(fdt)
+            s = (_sign(m * b1 + g * (1 - b1)) * g).to(fdt)
             key.copy_(_key(s, key.dtype))
 
         def apply(p, g, m, key, t, d, lr_step, b1, b2, alpha, gamma, decay):
             g = g * sgn
-            u = torch.sign(m * b1 + g * (1 - b1))
+            u = _sign(m * b1 + g * (1 - b1))
             phi = torch.where(key >= t, alpha, gamma) / d
             p.copy_(((p - (u * phi) * lr_step) * decay) if authors else (p * decay - (u * phi) * lr_step))
             m.copy_(m * b2 + g * (1 - b2))
 
         def cautious(p, g, m, lr_step, b1, b2, alpha, gamma, decay):
             g = g * sgn
-            u = torch.sign(m * b1 + g * (1 - b1))
+            u = _sign(m * b1 + g * (1 - b1))
             s = u * g
             phi = torch.where((s >= 0) if authors else (s > 0), alpha, gamma)
             p.copy_(((p - (u * phi) * lr_step) * decay) if authors else (p * decay - (u * phi) * lr_step))

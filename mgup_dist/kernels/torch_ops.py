@@ -23,19 +23,18 @@ Tensor = torch.Tensor
 __all__ = ["TorchOps"]
 
 
-def _hist(idx: Tensor, size: int) -> Tensor:
-    """Counts of the int64 values ``idx`` in [0, size)."""
-    if idx.device.type == "cpu":
-        return torch.bincount(idx, minlength=size)[:size]  # fastest on CPU, where reading back is free
-    out = torch.zeros(size, dtype=torch.int64, device=idx.device)
-    return out.scatter_add_(0, idx, torch.ones(1, dtype=torch.int64, device=idx.device).expand(idx.numel()))
-
-
 class TorchOps(Backend):
     name = "torch"
 
     def __init__(self, foreach: bool = True):
         self.foreach = foreach
+
+    @staticmethod
+    def _hist(idx: Tensor, size: int) -> Tensor:
+        """Counts of the int64 values ``idx`` in [0, size) (``bincount`` would read the
+        maximum back to the host)."""
+        out = torch.zeros(size, dtype=torch.int64, device=idx.device)
+        return out.scatter_add_(0, idx, torch.ones(1, dtype=torch.int64, device=idx.device).expand(idx.numel()))
 
     # -- chunk tables (cached per chunk and device) ----------------------------------------
     def _tables(self, chunk, device):
@@ -119,7 +118,7 @@ class TorchOps(Backend):
             pre = torch.cat([prefix, prefix.new_zeros(1)]).index_select(0, unit)
             valid = ((k >> (shift + width)).to(torch.int64) == pre) & (unit < U)
         idx = torch.where(valid, unit.to(torch.int64) * nb + digit, torch.full_like(digit, U * nb))
-        return _hist(idx, U * nb + 1)[: U * nb].view(U, nb)
+        return self._hist(idx, U * nb + 1)[: U * nb].view(U, nb)
 
     def _ties(self, chunk, keys, t_key):
         k = keys[: chunk.numel]
