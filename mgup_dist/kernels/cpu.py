@@ -58,6 +58,21 @@ class CPU(TorchOps):
                 s[ties[need:]] -= 1  # the later ties drop below t: lower index wins
         return torch.from_numpy(t).to(ity)
 
+    def _phi(self, hp, chunk, keys, t_key, denom, dtype):
+        """phi piece by piece (host reads are free here): no per-element unit ids."""
+        phi = torch.empty(chunk.numel, dtype=dtype)
+        t = t_key.tolist()
+        d = denom.tolist() if denom is not None else None
+        for pc in chunk.pieces:
+            ph = phi[pc.offset: pc.offset + pc.length]
+            ph.fill_(hp["gamma"])
+            if pc.unit < 0:
+                continue
+            ph.masked_fill_(keys[pc.offset: pc.offset + pc.length] >= t[pc.unit], hp["alpha"])
+            if d is not None:
+                ph.div_(d[pc.unit])
+        return phi
+
     # -- fused phases (compile=True) -------------------------------------------------------
     def _fused(self, rule) -> bool:
         return self.compile and rule.name in ("adamw", "lion")
@@ -180,7 +195,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             g = g * sgn
             u = _sign(m * b1 + g * (1 - b1))
             phi = torch.where(key >= t, alpha, gamma) / d
-            p.copy_(((p - (u * phi) * lr_step) * decay) if authors else (p * decay - (u * phi) * lr_step))
+            p.copy_(p * decay - (u * phi) * lr_step)
             m.copy_(m * b2 + g * (1 - b2))
 
         def cautious(p, g, m, lr_step, b1, b2, alpha, gamma, decay):
@@ -188,7 +203,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             u = _sign(m * b1 + g * (1 - b1))
             s = u * g
             phi = torch.where((s >= 0) if authors else (s > 0), alpha, gamma)
-            p.copy_(((p - (u * phi) * lr_step) * decay) if authors else (p * decay - (u * phi) * lr_step))
+            p.copy_(p * decay - (u * phi) * lr_step)
             m.copy_(m * b2 + g * (1 - b2))
 
     return {"score": score, "apply": apply, "cautious": cautious}[phase]

@@ -200,7 +200,9 @@ def update(params, us, phis, steps, hp) -> None:
     """p *= 1 - lr*wd ; p -= lr_eff * (phi * u)   (authors' convention: decay after the step).
     ``us`` is consumed (it is the scratch)."""
     wd, lr = hp["weight_decay"], hp["lr"]
-    decay_after = hp.get("convention", "torch") == "authors"
+    # the authors' AdamW (Hugging Face's old AdamW) decays after the step; their Lion (as
+    # lion-pytorch) before it, like torch
+    decay_after = hp.get("convention", "torch") == "authors" and "exp_avg_sq" in hp.get("state", ())
     torch._foreach_mul_(us, phis)
     torch._foreach_mul_(us, list(steps))
     if wd != 0 and not decay_after:
