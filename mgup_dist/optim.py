@@ -412,13 +412,13 @@ class _MGUPOptimizer(Optimizer):
         self._plans.clear()
         return self
 
-    def _workspace(self, n: int, dtype: torch.dtype, device: torch.device, slot: str = "scratch") -> torch.Tensor:
+    def _workspace(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A flat buffer of >= n elements.  CPU: kept across steps and grown as needed
         (writing fresh memory costs several times more than reusing it on these machines);
         other devices: fresh from the caching allocator, so nothing is held between steps."""
         if device.type != "cpu":
             return torch.empty(n, dtype=dtype, device=device)
-        key = (slot, dtype)
+        key = dtype
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.empty(n, dtype=dtype)
@@ -485,10 +485,7 @@ class _MGUPOptimizer(Optimizer):
         fdt = torch.float64 if wide else torch.float32
         plan = self._plan(group, layouts, rule)
         foreach = True if group["foreach"] is None else group["foreach"]
-        backend = get_backend(
-            device, foreach=foreach, compile=group["compile"], kind=group["backend"],
-            workspace=lambda n, dtype: self._workspace(n, dtype, device, "select"),
-        )
+        backend = get_backend(device, foreach=foreach, compile=group["compile"], kind=group["backend"])
         hp = {k: v for k, v in group.items() if k not in ("params", "_validated")}
         # the last statement: torch.compile(opt.step) breaks the graph inside, and nothing
         # (no view of a param) must be live in the frame it resumes afterwards

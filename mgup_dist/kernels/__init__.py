@@ -18,7 +18,7 @@ __all__ = ["Backend", "Bufs", "get_backend", "BACKENDS"]
 BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
-def get_backend(device: torch.device, *, foreach: bool = True, compile: bool = False, kind: str = "auto", workspace=None) -> Backend:
+def get_backend(device: torch.device, *, foreach: bool = True, compile: bool = False, kind: str = "auto") -> Backend:
     """The backend for a param group on ``device``: decided from the device type and the
     group's options only (identical on every rank).  ``kind="auto"``: CPU -> cpu, CUDA ->
     triton (when Triton imports and not ``foreach=False``), anything else (NPU, ...) -> torch."""
@@ -30,7 +30,7 @@ def get_backend(device: torch.device, *, foreach: bool = True, compile: bool = F
     if kind == "cpu":
         from .cpu import CPU
 
-        return CPU(foreach, workspace=workspace, compile=compile)
+        return CPU(foreach, compile=compile)
     if kind == "triton":
         from .triton_cuda import TritonCUDA
 

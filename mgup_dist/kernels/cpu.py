@@ -23,11 +23,9 @@ __all__ = ["CPU"]
 class CPU(TorchOps):
     name = "cpu"
 
-    def __init__(self, foreach: bool = True, workspace=None, compile: bool = False):
+    def __init__(self, foreach: bool = True, compile: bool = False):
         super().__init__(foreach)
         self.compile = compile
-        # workspace(n, dtype) -> a reusable flat buffer (fresh allocations are slow on CPUs)
-        self._workspace = workspace
 
     @staticmethod
     def _hist(idx, size):
@@ -46,8 +44,7 @@ class CPU(TorchOps):
             if k == 0:
                 continue
             seg = keys[pc.offset: pc.offset + n]
-            buf = self._workspace(n, ity) if self._workspace else torch.empty(n, dtype=ity)
-            a = buf[:n].copy_(seg).numpy()
+            a = seg.numpy().copy()  # transient: the keys themselves are read again in phase 3
             a.partition(n - k)  # the k largest now sit at and after index n-k, the k-th largest at it
             tk = a[n - k]
             t[pc.unit] = tk
