@@ -73,7 +73,9 @@ class StepPeak(TorchDispatchMode):
         self.live += n
         self.peak = max(self.peak, self.live)
 
-        def gone(ptr=ptr, n=n, mode=weakref.ref(self)):
+        mode = weakref.ref(self)
+
+        def gone(ptr=ptr, n=n, mode=mode):
             m = mode()
             if m is not None and m._seen.pop(ptr, None) is not None:
                 m.live -= n

@@ -13,7 +13,7 @@ so which collectives, comes from the plan, identical on every rank: a chunk mark
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
@@ -59,14 +59,15 @@ def run_group(backend, st: GroupStep) -> None:
         hist0 = backend.score(st.rule, hp, c, st.bufs, scratch) if c.pieces else None
         keys = scratch.view(torch.int64 if st.float_dtype == torch.float64 else torch.int32)
         denom = None
-        if mode == "cautious":
-            t = torch.full((c.n_units,), t_const, dtype=keys.dtype, device=st.device)
-            if normalize:
-                denom = _denominator(hp, c, selection.selected_counts(backend, c, keys, t), st.device)
-        elif st.plan.scope == "global_approx":
-            t = selection.approx_threshold(backend, c, keys, st.plan.mask_ratio)
-            if normalize:
-                denom = _denominator(hp, c, selection.selected_counts(backend, c, keys, t), st.device)
+        approx = st.plan.scope == "global_approx"
+        if mode == "cautious" or approx:
+            if mode == "cautious":
+                t = torch.full((c.n_units,), t_const, dtype=keys.dtype, device=st.device)
+            else:
+                t = selection.approx_threshold(backend, c, keys, st.plan.mask_ratio)
+            if normalize:  # the mean of phi needs the count of alpha: summed over the ranks of a unit
+                over_ranks = c.split or (approx and c.collective)
+                denom = _denominator(hp, *selection.selected_counts(backend, c, keys, t, over_ranks))
         else:
             t = selection.threshold(backend, c, keys, hist0)
             if normalize:  # top-K selects exactly K of each unit's N: the mean of phi is known
@@ -76,9 +77,9 @@ def run_group(backend, st: GroupStep) -> None:
         param.copy_(flat.view(param.shape))
 
 
-def _denominator(hp, chunk, counts: torch.Tensor, device) -> torch.Tensor:
+def _denominator(hp, counts: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """Liang et al.: phi / max(mean(phi), 1e-3), mean over the unit."""
-    n = selection.unit_tables(chunk, device)["n"].clamp_min(1)
+    n = n.clamp_min(1)
     c = counts.to(torch.float64)
     mean = (hp["alpha"] * c + hp["gamma"] * (n - c)) / n
     return mean.clamp_min(1e-3)

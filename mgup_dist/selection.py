@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -114,9 +114,10 @@ def threshold(backend, chunk, keys: torch.Tensor, hist0: Optional[torch.Tensor] 
     return t_key
 
 
-def selected_counts(backend, chunk, keys: torch.Tensor, t_key: torch.Tensor) -> torch.Tensor:
-    """How many keys of each unit are >= its threshold (int64 [n_units], summed over the
-    ranks of a split chunk): the normalisation of the cautious rule."""
+def selected_counts(backend, chunk, keys: torch.Tensor, t_key: torch.Tensor, over_ranks: bool):
+    """How many keys of each unit are >= its threshold, and the unit's size (int64 and
+    float64 [n_units]), summed over the ranks of the chunk's group when ``over_ranks``
+    (units spread over ranks): the normalisation of the cautious rule and of global_approx."""
     dev = keys.device
     counts = torch.zeros(chunk.n_units + 1, dtype=torch.int64, device=dev)
     if chunk.pieces:
@@ -126,9 +127,12 @@ def selected_counts(backend, chunk, keys: torch.Tensor, t_key: torch.Tensor) -> 
         t_ext = torch.cat([t_key, t_key.new_full((1,), torch.iinfo(k.dtype).max)])
         counts.scatter_add_(0, unit, (k >= t_ext.index_select(0, unit)).to(torch.int64))
     counts = counts[: chunk.n_units].contiguous()
-    if chunk.split or chunk.collective:
+    n = unit_tables(chunk, dev)["n"].clone()
+    if over_ranks:
         all_reduce_sum(counts, chunk.group)
-    return counts
+        if not chunk.split:  # global_approx: N of the plan is this rank's share
+            all_reduce_sum(n, chunk.group)
+    return counts, n
 
 
 def approx_threshold(backend, chunk, keys: torch.Tensor, mask_ratio: float) -> torch.Tensor:

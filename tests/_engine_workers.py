@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-
 from _fsdp_workers import _fsdp2_model, _maxdiff, _reference, _set_fsdp2_grads, make_opt
 
 
@@ -99,10 +97,10 @@ def fsdp2_memory(rank, world, name, dtype):
         model, _ = _fsdp2_model([(64, 16), (33,), (7, 5)], (world,))
         model.to(dtype)
         opt = torch.optim.AdamW(model.parameters()) if which == "adamw" else make_opt(name, model.parameters())
-        for step in range(2):
-            for n, p in model.named_parameters():
-                from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor import distribute_tensor
 
+        for _ in range(2):
+            for p in model.parameters():
                 p.grad = distribute_tensor(torch.randn(p.shape).to(dtype), p.device_mesh, p.placements)
             opt.step()
         n_local = sum(p.to_local().numel() for p in model.parameters())

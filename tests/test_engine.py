@@ -3,10 +3,9 @@ definition selects, without a single host read in a step; the memory bounds; tor
 of a whole step; the torch conventions (maximize, refused options, resolved defaults)."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from test_selection import reference_mask, score_cases
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mgup_dist
@@ -16,7 +15,6 @@ from mgup_dist.kernels.torch_ops import TorchOps
 from mgup_dist.layout import Layout, Segment
 from mgup_dist.memory import StepPeak, held_bytes, state_bytes
 from mgup_dist.selection import Entry, select_masks
-from test_selection import reference_mask, score_cases
 
 
 # ------------------------------------------------------------------ selection
@@ -178,7 +176,7 @@ def test_torch_compile_of_a_topk_step(backend):
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     eager, compiled = MGUPAdamW(ps, backend=backend), MGUPAdamW(qs, backend=backend)
     step = torch.compile(compiled.step)
-    for i in range(3):
+    for _ in range(3):
         for p, q in zip(ps, qs):
             p.grad = torch.randn_like(p)
             p.grad[::3] = 0

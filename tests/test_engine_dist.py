@@ -3,10 +3,9 @@ the path (and so the collectives) is chosen from layouts only, an unused paramet
 FSDP2 is skipped, and the state stays AdamW's size under FSDP2."""
 from __future__ import annotations
 
+import _engine_workers as W
 import pytest
 import torch
-
-import _engine_workers as W
 from dist_utils import run_distributed
 
 

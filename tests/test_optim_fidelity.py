@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from test_selection import reference_mask
 
 from mgup_dist import CMGUPAdamW, CMGUPLion, MGUPAdamW, MGUPLion, MGUPMuon
-from test_selection import reference_mask
 
 F64 = torch.float64
 

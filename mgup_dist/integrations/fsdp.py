@@ -29,7 +29,6 @@ DDP / single process
 """
 from __future__ import annotations
 
-import math
 from itertools import accumulate
 from typing import Dict, Hashable, List, Sequence, Tuple
 

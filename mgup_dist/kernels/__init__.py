@@ -9,6 +9,8 @@ device type of the group's params and its hyperparameters), never from local dat
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .base import Backend, Bufs
@@ -16,6 +18,7 @@ from .base import Backend, Bufs
 __all__ = ["Backend", "Bufs", "get_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
+_WARNED: list = []
 
 
 def get_backend(device: torch.device, *, foreach: bool = True, compile: bool = False, kind: str = "auto") -> Backend:
@@ -27,6 +30,10 @@ def get_backend(device: torch.device, *, foreach: bool = True, compile: bool = F
     dtype = device.type
     if kind == "auto":
         kind = "cpu" if dtype == "cpu" else ("triton" if dtype == "cuda" and foreach and _triton_ok() else "torch")
+        if dtype == "cuda" and kind == "torch" and foreach and not _WARNED:
+            _WARNED.append(True)
+            warnings.warn("mgup_dist: Triton is not importable here; MGUP runs its plain torch-ops backend on CUDA "
+                          "(same results, slower). Install triton, or pass backend='torch' to silence this.", stacklevel=3)
     if kind == "cpu":
         from .cpu import CPU
 

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import KEY_NAN
+from .base import KEY_NAN, radix_widths
 from .torch_ops import TorchOps, step_sizes
 
 __all__ = ["CPU"]
@@ -55,6 +55,50 @@ class CPU(TorchOps):
                 s[ties[need:]] -= 1  # the later ties drop below t: lower index wins
         return torch.from_numpy(t).to(ity)
 
+    # -- phase 2 for split tensors: the radix passes piece by piece, on candidates --------
+    def histogram(self, chunk, keys, prefix, p):
+        """As TorchOps.histogram, per piece with ``bincount``; pass p > 0 only looks at the keys
+        that matched the previous passes (kept from pass to pass: a few percent of them)."""
+        nbits = torch.iinfo(keys.dtype).bits
+        widths = radix_widths(nbits)
+        nb = 1 << widths[p]
+        shift = nbits - sum(widths[: p + 1])
+        hist = torch.zeros(chunk.n_units, nb, dtype=torch.int64)
+        pre = prefix.tolist() if prefix is not None else None
+        cand = chunk.cache.setdefault("cpu_candidates", {})
+        for pc in chunk.pieces:
+            if pc.unit < 0:
+                continue
+            if p == 0:
+                k = keys[pc.offset: pc.offset + pc.length]
+                hist[pc.unit] += torch.bincount((k >> shift).add_(nb // 2), minlength=nb)
+                cand[pc.offset] = k
+                continue
+            c = cand[pc.offset]
+            c = c[(c >> (shift + widths[p])) == pre[pc.unit]]
+            cand[pc.offset] = c
+            hist[pc.unit] += torch.bincount((c >> shift) & (nb - 1), minlength=nb)
+        if p == len(widths) - 1:
+            cand.clear()
+        return hist
+
+    def tie_counts(self, chunk, keys, t_key):
+        t = t_key.tolist()
+        return torch.tensor(
+            [int((keys[pc.offset: pc.offset + pc.length] == t[pc.unit]).sum()) if pc.unit >= 0 else 0 for pc in chunk.pieces],
+            dtype=torch.int64,
+        )
+
+    def resolve_ties(self, chunk, keys, t_key, take):
+        t, take = t_key.tolist(), take.tolist()
+        for pc, n in zip(chunk.pieces, take):
+            if pc.unit < 0:
+                continue
+            k = keys[pc.offset: pc.offset + pc.length]
+            ties = torch.nonzero(k == t[pc.unit]).flatten()
+            if ties.numel() > n:
+                k[ties[n:]] -= 1  # the later ties drop below t: lower index wins
+
     def _phi(self, hp, chunk, keys, t_key, denom, dtype):
         """phi piece by piece (host reads are free here): no per-element unit ids."""
         phi = torch.empty(chunk.numel, dtype=dtype)
@@ -78,9 +122,9 @@ class CPU(TorchOps):
         if not self._fused(rule) or not chunk.pieces:
             return super().score(rule, hp, chunk, bufs, scratch)
         keys = scratch.view(torch.int64 if scratch.dtype == torch.float64 else torch.int32)
-        fn = _kernel(rule.name, "score", hp)
         for pc in chunk.pieces:
             sl = slice(pc.start, pc.start + pc.length)
+            fn = _kernel(rule.name, "score", hp, bufs.grads[pc.buf], *(bufs.states[n][pc.buf] for n in rule.state), keys)
             fn(bufs.grads[pc.buf][sl], *(bufs.states[n][pc.buf][sl] for n in rule.state),
                keys[pc.offset: pc.offset + pc.length], *_consts(rule, hp, bufs, pc))
         return None
@@ -89,11 +133,12 @@ class CPU(TorchOps):
         if not self._fused(rule) or not chunk.pieces:
             return super().apply(rule, hp, chunk, bufs, scratch, t_key, denom)
         keys = scratch.view(torch.int64 if scratch.dtype == torch.float64 else torch.int32)
-        fn = _kernel(rule.name, "apply", hp)
         steps = step_sizes(hp, {"bc1": [bufs.bc1[p.buf] for p in chunk.pieces], "bc2": [bufs.bc2[p.buf] for p in chunk.pieces]}, chunk)
         big = torch.iinfo(keys.dtype).max
         for pc, lr_step in zip(chunk.pieces, steps):
             sl = slice(pc.start, pc.start + pc.length)
+            fn = _kernel(rule.name, "apply", hp, bufs.params[pc.buf], bufs.grads[pc.buf],
+                         *(bufs.states[n][pc.buf] for n in rule.state), keys)
             t = t_key[pc.unit] if pc.unit >= 0 else torch.tensor(big, dtype=keys.dtype)
             d = denom[pc.unit] if (denom is not None and pc.unit >= 0) else _ONE
             fn(bufs.params[pc.buf][sl], bufs.grads[pc.buf][sl], *(bufs.states[n][pc.buf][sl] for n in rule.state),
@@ -102,10 +147,11 @@ class CPU(TorchOps):
     def cautious(self, rule, hp, chunk, bufs, t_const):
         if not self._fused(rule):
             return False
-        fn = _kernel(rule.name, "cautious", hp)
         steps = step_sizes(hp, {"bc1": [bufs.bc1[p.buf] for p in chunk.pieces], "bc2": [bufs.bc2[p.buf] for p in chunk.pieces]}, chunk)
         for pc, lr_step in zip(chunk.pieces, steps):
             sl = slice(pc.start, pc.start + pc.length)
+            fn = _kernel(rule.name, "cautious", hp, bufs.params[pc.buf], bufs.grads[pc.buf],
+                         *(bufs.states[n][pc.buf] for n in rule.state))
             fn(bufs.params[pc.buf][sl], bufs.grads[pc.buf][sl], *(bufs.states[n][pc.buf][sl] for n in rule.state),
                _f64(lr_step), *_consts(rule, hp, bufs, pc))
         return True
@@ -209,12 +255,17 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
 _COMPILED = {}
 
 
-def _kernel(rule: str, phase: str, hp):
-    """The compiled kernel (once per process and variant; cached on disk by Inductor when
-    TORCHINDUCTOR_CACHE_DIR is set).  ``dynamic=True``: one graph for all sizes."""
-    key = (rule, phase, hp.get("convention") == "authors", bool(hp.get("maximize")))
+def _kernel(rule: str, phase: str, hp, *tensors):
+    """The compiled kernel (once per process, variant and dtypes of its tensors; cached on
+    disk by Inductor when TORCHINDUCTOR_CACHE_DIR is set).  ``dynamic=True``: one graph for
+    all sizes; one compiled function per dtype combination, so that mixed fp32/bf16/fp16
+    params never reach dynamo's recompile limit."""
+    key = (rule, phase, hp.get("convention") == "authors", bool(hp.get("maximize")), tuple(t.dtype for t in tensors))
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = torch.compile(_make(rule, phase, *key[2:]), dynamic=True, fullgraph=True)
+        body = _make(rule, phase, *key[2:4])
+        # dynamo counts recompilations per code object: each variant gets its own copy
+        body.__code__ = body.__code__.replace(co_name=f"mgup_{rule}_{phase}_{len(_COMPILED)}")
+        fn = torch.compile(body, dynamic=True, fullgraph=True)
         _COMPILED[key] = fn
     return fn

@@ -5,14 +5,16 @@ segmented op per radix pass) and free of host synchronisation: thresholds, prefi
 counts stay device tensors; no ``.item()``, ``nonzero``, boolean indexing or ``bincount``
 (which reads the maximum back) off the CPU.
 
-Ops relied on, for int32/int64 and float32 data (all exact on Ascend's op-plugin as well):
-elementwise bit ops and shifts, ``repeat_interleave`` with ``output_size``, ``index_select``,
-``scatter_add_`` of int64 ones, ``cumsum`` of int64, ``torch.where``, ``masked_fill_``;
-never ``kthvalue``/``topk``/``sort`` (not exact on some NPU stacks, slow on CUDA).
+Ops relied on, for int32/int64 and float32 data: elementwise bit ops and shifts, comparisons,
+``repeat_interleave`` with ``output_size``, ``index_select``, ``scatter_add_`` of int64 ones,
+``cumsum`` of int64, ``torch.where``, ``masked_fill_``, ``full``: integer arithmetic that Ascend's
+op-plugin implements without a detour through fp16 (not yet run on an NPU).  Never
+``kthvalue``/``topk``/``sort``: on older CANN stacks they cast to fp16 (wrong thresholds,
+corrupted int32 keys), on 910B/C ``kthvalue`` is a full sort, and on CUDA a slow single-slice kernel.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 
