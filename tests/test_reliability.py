@@ -319,3 +319,39 @@ def test_out_dir_that_is_a_file_fails_before_data_and_model(tmp_path, monkeypatc
     (tmp_path / "later").write_text("now a file")
     with pytest.raises(ValueError, match="^out_dir: .* is not a writable directory"):
         tr.train(cfg)
+
+
+# ------------------------------------------------------------------ two ranks (torchrun, gloo)
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_ranks_nan_on_one_rank_and_damaged_shard_of_the_other(tmp_path, engine):
+    """A NaN loss on rank 1 only: the gradient reduction carries it to rank 0, both ranks
+    skip the same step (no divergence, no hang).  Then rank 1's part of the newest
+    checkpoint is damaged: both ranks fall back to the older checkpoint together."""
+    out = tmp_path / engine
+    args = BASE + ["--engine", engine, "--out-dir", str(out)]
+
+    def torchrun(extra_env=None):
+        env = dict(os.environ, NPROC="2", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(extra_env or {}))
+        r = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), *args], capture_output=True, text=True,
+                           env=env, timeout=240, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+        return r
+
+    torchrun({NAN_ENV: "1:2"})
+    first = json.loads((out / "summary.json").read_text())
+    assert first["skipped_steps"] == 1
+    import math
+
+    assert math.isfinite(first["final_loss"])
+    if engine == "ddp":
+        victim = _ck(out, 6) / "optimizer.pt"
+    else:
+        victim = next(iter(sorted(_ck(out, 6).glob("dcp/*1_0.distcp")) or sorted(_ck(out, 6).glob("dcp/*.distcp"))))
+    _flip_bit(victim, 0.8)
+    r = torchrun()
+    assert "skipping checkpoint" in r.stderr and victim.name in r.stderr
+    again = json.loads((out / "summary.json").read_text())
+    assert again["start_step"] == 3 and again["final_loss"] == first["final_loss"]
+    assert again["skipped_steps"] == 1      # the count survives the resume (from the step-3 checkpoint)
