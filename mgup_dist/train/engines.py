@@ -254,7 +254,8 @@ class DeepSpeedEngine(Engine):
         if not self.skipped and not bool(torch.isfinite(norm)) and self.model.get_global_grad_norm() is not None:
             raise RuntimeError(f"deepspeed: the engine applied a step with a non-finite gradient norm ({float(norm)}) "
                                "(this ZeRO stage / precision does not check for overflow); parameters are now "
-                               "non-finite: resume from the last checkpoint with --deepspeed-config zero1/zero2 or a lower lr")
+                               "non-finite: resume from the last checkpoint with --deepspeed-config zero1/zero2 "
+                               "or a lower lr")
         return norm
 
     @property

@@ -489,7 +489,8 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
                "start_step": start_step, "final_loss": last["loss"], "final_val_loss": last["val_loss"],
                "final_val_ppl": math.exp(min(last["val_loss"], 50.0)) if last["val_loss"] == last["val_loss"] else None,
                "tokens_per_s": (sum(tps_hist) / len(tps_hist)) if tps_hist else None,
-               "train_seconds": train_time, "skipped_steps": skipped_total, "world_size": world, "device": str(device), "n_params": n_params,
+               "train_seconds": train_time, "skipped_steps": skipped_total, "world_size": world,
+               "device": str(device), "n_params": n_params,
                "out_dir": out_dir}
     if is_main:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
