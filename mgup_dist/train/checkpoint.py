@@ -4,9 +4,17 @@ Every rank writes its part into ``step_N.tmp/``; after a barrier rank 0 renames 
 ``step_N`` with ``os.replace`` (atomic on POSIX), so a directory named ``step_N`` is
 always complete: a worker killed mid-write leaves only a ``.tmp`` that the next save
 removes.  Multi-node runs need the output directory on a shared filesystem.
+
+Integrity: rank 0 writes ``manifest.json`` (size and sha256 of every other file) as the
+last file inside ``step_N.tmp`` before the rename, so a ``step_N`` directory is usable
+only if every file still has its recorded size and hash.  A truncated file or a flipped
+bit (model.pt, optimizer.pt, a DCP ``.distcp``, a DeepSpeed shard) is found before any
+of it is loaded; resume then falls back to the newest checkpoint that verifies.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -17,9 +25,79 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["list_checkpoints", "latest_checkpoint", "checkpoint_step", "rng_state", "set_rng_state",
-           "barrier", "save_checkpoint"]
+           "barrier", "save_checkpoint", "write_manifest", "verify_checkpoint", "candidate_checkpoints", "MANIFEST"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: str) -> List[str]:
+    """Every regular file under ``root`` as a '/'-separated relative path, except the manifest."""
+    out = []
+    for d, _, names in os.walk(root):
+        for n in names:
+            rel = os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(path: str) -> None:
+    """Size + sha256 of every file of the checkpoint directory ``path`` (rank 0, after
+    all ranks wrote their parts).  Written via a temporary name and ``os.replace``."""
+    files = {rel: {"size": os.path.getsize(os.path.join(path, rel)), "sha256": _sha256(os.path.join(path, rel))}
+             for rel in _files(path)}
+    tmp = os.path.join(path, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"version": 1, "files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """None when ``path`` is a complete checkpoint whose files match its manifest;
+    otherwise the reason it is unusable (first problem found)."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        return f"no {MANIFEST} (incomplete, or written by a version without checksums)"
+    try:
+        with open(mpath) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST}: {e}"
+    if "trainer_state.pt" not in files:
+        return "the manifest lists no trainer_state.pt"
+    for rel, want in sorted(files.items()):
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        size = os.path.getsize(full)
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, the manifest says {want['size']} (truncated or overwritten)"
+        if _sha256(full) != want["sha256"]:
+            return f"{rel} fails its sha256 check (corrupted)"
+    extra = sorted(set(_files(path)) - set(files))
+    if extra:
+        return f"files not in the manifest: {extra[:5]}"
+    return None
+
+
+def candidate_checkpoints(ckpt_root: str) -> List[str]:
+    """Every ``step_N`` directory, oldest first, complete or not (resume verifies each)."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = [(int(m.group(1)), os.path.join(ckpt_root, d)) for d in os.listdir(ckpt_root)
+             if (m := _STEP_DIR.match(d)) and os.path.isdir(os.path.join(ckpt_root, d))]
+    return [p for _, p in sorted(found)]
 
 
 def barrier() -> None:
@@ -95,6 +173,7 @@ def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank
     if rank == 0:
         trainer_state["per_rank"] = gathered
         torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        write_manifest(tmp)   # last: covers every file of every rank (shared filesystem)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 from typing import Dict, Optional, Sequence
@@ -97,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--beta2", type=float, default=None)
     o.add_argument("--eps", type=float, default=1e-8)
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    o.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="stop with an error after this many consecutive steps skipped for a non-finite gradient norm")
     o.add_argument("--mask-ratio", type=float, default=None, help="MGUP: fraction of coordinates scaled by alpha")
     o.add_argument("--alpha", type=float, default=None)
     o.add_argument("--gamma", type=float, default=None)
@@ -130,9 +133,15 @@ def _load_config_file(path: str) -> Dict:
             import yaml
         except ImportError as e:
             raise ValueError("config: YAML files need PyYAML (`pip install pyyaml`) or use a .json file") from e
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config: {path!r} is not valid YAML: {e}") from e
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config: {path!r} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of flag names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
@@ -158,14 +167,23 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
     return cfg
 
 
+def _load_model_json(path) -> Dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model: {str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"model: {str(path)!r} must hold a JSON object of LlamaConfig fields")
+    return data
+
+
 def resolve_model_config(spec: str) -> Dict:
     if os.path.isfile(spec):
-        with open(spec) as f:
-            return json.load(f)
+        return _load_model_json(spec)
     path = REPO_ROOT / "configs" / "models" / f"llama_{spec}.json"
     if path.is_file():
-        with open(path) as f:
-            return json.load(f)
+        return _load_model_json(path)
     if spec in BUILTIN_MODELS:
         return dict(BUILTIN_MODELS[spec])
     raise ValueError(f"model: unknown model {spec!r}; allowed: {', '.join(sorted(BUILTIN_MODELS))} or a path to a "
@@ -202,8 +220,10 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
         if not os.path.isdir(cfg.data_path):
             bad("data_path", f"directory {cfg.data_path!r} does not exist")
         from .data import c4_local_files
-        c4_local_files(cfg.data_path, "train")
-        c4_local_files(cfg.data_path, "validation")
+        from .data import check_first_record
+        for split in ("train", "validation"):
+            for f in c4_local_files(cfg.data_path, split):
+                check_first_record(f)
     if cfg.tokenizer is None:
         cfg.tokenizer = "byte" if cfg.dataset == "embedded" else "t5-base"
     if cfg.packing is None:
@@ -235,8 +255,18 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
         bad("warmup_steps", f"must be in [0, steps={cfg.steps}], got {cfg.warmup_steps}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         bad("min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
-    if cfg.lr <= 0:
-        bad("lr", f"must be positive, got {cfg.lr}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        bad("lr", f"must be positive and finite, got {cfg.lr}")
+    for name in ("weight_decay", "eps", "muon_lr", "beta1", "beta2"):
+        v = getattr(cfg, name)
+        if v is not None and not math.isfinite(v):
+            bad(name, f"must be finite, got {v}")
+    if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
+        bad("grad_clip", f"must be >= 0 and finite (0: off), got {cfg.grad_clip}")
+    if cfg.max_skipped_steps < 1:
+        bad("max_skipped_steps", f"must be >= 1, got {cfg.max_skipped_steps}")
+    if cfg.eval_micro_batch is not None and cfg.eval_micro_batch <= 0:
+        bad("eval_micro_batch", f"must be positive, got {cfg.eval_micro_batch}")
     max_pos = cfg.model_config.get("max_position_embeddings", 2048)
     if cfg.seq_len > max_pos:
         bad("seq_len", f"{cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}")
@@ -263,6 +293,22 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
         cfg.name = f"{model_tag}-{cfg.optimizer}-{cfg.engine}"
     if cfg.out_dir is None:
         cfg.out_dir = os.path.join("runs", cfg.name)
+    _check_out_dir(cfg.out_dir)
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """--out-dir must be a directory, or creatable: the nearest existing ancestor is a
+    writable directory.  (The trainer also writes a probe file before any work, which
+    catches what permission bits cannot tell, e.g. a read-only mount.)"""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir: {out_dir!r} exists and is not a directory")
+    p = os.path.abspath(out_dir)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise ValueError(f"out_dir: {out_dir!r} cannot be created: {p!r} is a file")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir: {out_dir!r} is not writable ({p!r})")
 
 
 # What must match for an automatic resume to be the same run.

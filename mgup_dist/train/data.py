@@ -22,6 +22,7 @@ import gzip
 import itertools
 import json
 import os
+import zlib
 from typing import Dict, Iterator, List, Sequence
 
 import torch
@@ -193,13 +194,46 @@ def c4_local_files(data_path: str, split: str) -> List[str]:
     )
 
 
+# What a damaged shard raises while being read: a bad gzip header, a truncated or
+# corrupted deflate stream, bytes that are not UTF-8.
+_SHARD_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, UnicodeDecodeError, OSError)
+
+
 def _iter_local_docs(files: Sequence[str]) -> Iterator[str]:
     for f in files:
         opener = gzip.open if f.endswith(".gz") else open
-        with opener(f, "rt", encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield line
+        n = 0
+        try:
+            with opener(f, "rt", encoding="utf-8") as fh:
+                for line in fh:
+                    n += 1
+                    if line.strip():
+                        yield line
+        except _SHARD_ERRORS as e:
+            raise ValueError(f"data: shard {f!r} is damaged after {n} lines ({type(e).__name__}: {e})") from e
+
+
+def _json_text(raw: str) -> str:
+    """The ``text`` field of one JSON-lines record, or a ValueError that shows the record."""
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data: a record is not valid JSON ({e}): {raw[:80]!r}") from e
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        raise ValueError(f"data: a record has no string 'text' field: {raw[:80]!r}")
+    return rec["text"]
+
+
+def check_first_record(path: str) -> None:
+    """Open a shard and parse its first record (cheap; run at validation, before any
+    work): a file that is not gzip, not UTF-8 or has no 'text' field fails here, naming it."""
+    for raw in _iter_local_docs([path]):
+        try:
+            _json_text(raw)
+        except ValueError as e:
+            raise ValueError(f"{e} (first record of {path!r})") from None
+        return
+    raise ValueError(f"data: shard {path!r} holds no records")
 
 
 def _iter_hub_docs(split: str, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[str]:  # pragma: no cover
@@ -246,7 +280,7 @@ class DocStream:
     def _next_texts(self, k: int) -> List[str]:
         if self._it is None:
             self._open(self.docs_read)
-        out = [json.loads(raw)["text"] if self.raw_json else raw for raw in itertools.islice(self._it, k)]
+        out = [_json_text(raw) if self.raw_json else raw for raw in itertools.islice(self._it, k)]
         self.docs_read += len(out)
         if out:
             return out
@@ -366,7 +400,7 @@ def build_datasets(cfg, rank: int, world_size: int) -> Datasets:
         train_files = c4_local_files(cfg.data_path, "train")
         val_files = c4_local_files(cfg.data_path, "validation")
         train_factory = lambda: _iter_local_docs(train_files)  # noqa: E731
-        val_texts = (json.loads(line)["text"] for line in _iter_local_docs(val_files))
+        val_texts = (_json_text(line) for line in _iter_local_docs(val_files))
         raw_json = True
         desc = f"C4 local shards: {len(train_files)} train / {len(val_files)} validation files in {cfg.data_path}"
     else:  # pragma: no cover - needs the network

@@ -38,6 +38,8 @@ class Engine:
         self.cfg, self.device, self.pad_id = cfg, device, pad_id
         self.bf16 = cfg.bf16
         self.raw_model = model
+        self.skipped = False       # did the last step() skip the update (non-finite gradient norm)?
+        self.inject_nan = False    # test-only: make the next training losses NaN
 
     # -- helpers shared by ddp / fsdp2
     def _autocast(self):
@@ -54,7 +56,22 @@ class Engine:
         with self._autocast():
             out = module(input_ids=ids, labels=labels)
         count = (labels[:, 1:] != IGNORE_INDEX).sum()
-        return out.loss.float(), count
+        loss = out.loss.float()
+        if self.inject_nan and module.training:   # test-only fault injection (trainer's MGUP_DIST_TEST_NAN)
+            loss = loss * float("nan")
+        return loss, count
+
+    def _step_if_finite(self, norm: torch.Tensor) -> torch.Tensor:
+        """Skip the update when the global gradient norm is inf/NaN (as Megatron and
+        DeepSpeed do): no optimizer step, scheduler not advanced (DeepSpeed's rule),
+        gradients dropped.  ``norm`` is global (all-reduced grads / a full DTensor norm),
+        so every rank takes the same branch."""
+        self.skipped = not bool(torch.isfinite(norm).item())
+        if not self.skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
 
     @torch.no_grad()
     def eval_sums(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -97,10 +114,7 @@ class DDPEngine(Engine):
     def step(self) -> torch.Tensor:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
+        return self._step_if_finite(norm)
 
     def save(self, path: str, rank: int) -> None:
         # DDP keeps model and optimizer replicated: rank 0 writes them once.
@@ -151,10 +165,7 @@ class FSDP2Engine(Engine):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
+        return self._step_if_finite(norm)
 
     def _dcp_state(self):
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -235,8 +246,17 @@ class DeepSpeedEngine(Engine):
     def step(self) -> torch.Tensor:
         # forward_backward already stepped at the boundary (DeepSpeed clips by
         # gradient_clipping itself); report the norm it measured.
+        # A non-finite norm: ZeRO-1/2 (bf16 and fp32) detect it themselves, skip the update,
+        # drop the gradients and do not advance the LR scheduler (was_step_applied() False).
         norm = self.model.get_global_grad_norm()
-        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+        norm = torch.as_tensor(float(norm) if norm is not None else float("nan"))
+        self.skipped = not self.model.was_step_applied()
+        if not self.skipped and not bool(torch.isfinite(norm)) and self.model.get_global_grad_norm() is not None:
+            raise RuntimeError(f"deepspeed: the engine applied a step with a non-finite gradient norm ({float(norm)}) "
+                               "(this ZeRO stage / precision does not check for overflow); parameters are now "
+                               "non-finite: resume from the last checkpoint with --deepspeed-config zero1/zero2 "
+                               "or a lower lr")
+        return norm
 
     @property
     def lr(self) -> float:

@@ -23,6 +23,7 @@ from .data import build_datasets
 __all__ = ["train", "run"]
 
 FAULT_ENV = "MGUP_DIST_TEST_FAULT"   # test-only: "RANK:STEP:MARKER" -> that rank SIGKILLs itself once
+NAN_ENV = "MGUP_DIST_TEST_NAN"       # test-only: "RANK:STEP[,STEP...]" -> that rank's losses are NaN at those steps
 
 
 def _free_port() -> int:
@@ -77,6 +78,46 @@ def _broadcast_obj(obj):
     return obj
 
 
+def _prepare_metrics_log(path: str, resume_step: int, out_dir: str) -> None:
+    """Make ``metrics.jsonl`` hold every step up to ``resume_step`` exactly once, losing
+    nothing: records of steps that will be redone (after the checkpoint; everything on a
+    fresh start) and unparsable lines (a torn last line from a kill mid-write) move to
+    ``metrics.discarded.jsonl``, which is only ever appended to.  The new log is written
+    beside and renamed over the old one (atomic)."""
+    if not os.path.isfile(path):
+        return
+    kept, dropped = [], []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            ok = isinstance(rec, dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            where = "last line" if i >= len(lines) - 2 else f"line {i + 1}"
+            _event(out_dir, f"metrics: dropping the unparsable {where} of {path!r} (torn write?): {ln[:80]!r}; "
+                            "kept in metrics.discarded.jsonl")
+            dropped.append(json.dumps({"discarded_raw_line": ln}) + "\n")
+        elif resume_step > 0 and rec.get("step", 0) <= resume_step:
+            kept.append(json.dumps(rec) + "\n")
+        else:
+            dropped.append(json.dumps(rec) + "\n")
+    if dropped:
+        with open(os.path.join(out_dir, "metrics.discarded.jsonl"), "a") as f:
+            f.writelines(dropped)
+        if resume_step == 0:
+            _event(out_dir, f"metrics: starting from step 0; the {len(dropped)} old record(s) of {path!r} were moved "
+                            "to metrics.discarded.jsonl")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class _Metrics:
     """Rank 0: JSONL (one object per record) and TensorBoard scalars."""
 
@@ -86,14 +127,7 @@ class _Metrics:
         self.tb = None
         if not enabled:
             return
-        # On resume keep only what happened up to the checkpoint: the steps after it are
-        # redone and logged again, so the log holds every step exactly once.
-        kept = []
-        if resume_step > 0 and os.path.isfile(self.path):
-            with open(self.path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        _prepare_metrics_log(self.path, resume_step, out_dir)
         self.f = open(self.path, "a", buffering=1)
         if tensorboard:
             try:
@@ -136,20 +170,98 @@ def _evaluate(engine, val: torch.Tensor, micro: int, device) -> float:
     return (total / count.clamp_min(1)).item()
 
 
+def _event(out_dir: Optional[str], msg: str) -> None:
+    """A reliability event (skipped checkpoint or step, dropped log line): stderr and
+    ``<out>/events.log`` (appended, never rewritten)."""
+    line = f"[mgup-dist train] WARNING: {msg}"
+    print(line, file=sys.stderr, flush=True)
+    if out_dir is not None:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "events.log"), "a") as f:
+                f.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + line + "\n")
+        except OSError:   # the message went to stderr; a read-only dir is reported elsewhere
+            pass
+
+
+def _probe_out_dir(out_dir: str, rank: int) -> None:
+    """Create ``out_dir`` and write/remove a probe file, before data and model exist: a
+    read-only mount or a path under a file fails here, not at the first checkpoint."""
+    probe = os.path.join(out_dir, f".write_probe.rank{rank}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok\n")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"out_dir: {out_dir!r} is not a writable directory ({e})") from e
+
+
 def _resolve_resume(cfg, ckpt_root: str, rank: int) -> Optional[str]:
+    """The checkpoint to resume from (rank 0 decides).  auto/latest: the newest
+    ``step_N`` that verifies against its manifest; newer ones that do not are skipped with
+    a warning naming the reason.  Checkpoints present but none usable: ValueError, never a
+    silent fresh start."""
     path = None
     if cfg.resume == "never":
         if rank == 0 and os.path.isdir(ckpt_root):
             shutil.rmtree(ckpt_root)
     elif cfg.resume in ("auto", "latest"):
-        path = ckpt.latest_checkpoint(ckpt_root)
+        candidates = ckpt.candidate_checkpoints(ckpt_root)
+        reasons = []
+        for cand in reversed(candidates):
+            why = ckpt.verify_checkpoint(cand)
+            if why is None:
+                path = cand
+                break
+            reasons.append(f"{os.path.basename(cand)}: {why}")
+            _event(cfg.out_dir, f"resume: skipping checkpoint {cand!r}: {why}")
+        if path is None and candidates:
+            raise ValueError(f"resume: {len(candidates)} checkpoint(s) in {ckpt_root!r} but none is usable ("
+                             + "; ".join(reasons) + "); pass --resume never to start over (deletes them) or "
+                             "--resume DIR with a checkpoint from elsewhere")
         if path is None and cfg.resume == "latest":
             raise ValueError(f"resume: no checkpoint in {ckpt_root!r}")
+        if path is not None and reasons:
+            _event(cfg.out_dir, f"resume: falling back to {path!r}")
     else:
         path = cfg.resume
-        if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
-            raise ValueError(f"resume: {path!r} is not a complete checkpoint (no trainer_state.pt)")
+        why = ckpt.verify_checkpoint(path)
+        if why is not None:
+            raise ValueError(f"resume: {path!r} is not a usable checkpoint: {why}")
     return path
+
+
+# Settings outside the fingerprint that a resume cannot change: the checkpoint's optimizer
+# state was built with them (param groups carry betas/eps/extra kwargs, which
+# load_state_dict would silently restore), or they change the numerics of the weights
+# (precision) or the model itself (the model file's contents) or the DeepSpeed layout.
+_REFUSED_ON_RESUME = ("bf16", "beta1", "beta2", "eps", "opt_kwargs", "muon_lr", "deepspeed_config", "model_config")
+# Bookkeeping, not settings of the run.
+_IGNORED_ON_RESUME = ("resume", "local_rank", "config", "device_obj", "deepspeed_dict", "name")
+
+
+def _resume_settings(cfg) -> Dict:
+    return dict(to_jsonable(cfg), bf16=cfg.bf16)
+
+
+def _check_resume_settings(cfg, saved: Optional[Dict], path: str) -> Dict:
+    """Compare the checkpoint's settings with this run's.  Refused changes raise a
+    ValueError naming every such setting with its old and new value (before any work);
+    the others (grad_clip, micro_batch at the same global batch, log/eval/save cadence,
+    world size where the engine reshards, ...) are applied and returned for the log."""
+    if saved is None:   # a checkpoint of an older version: nothing recorded to compare
+        return {}
+    now = _resume_settings(cfg)
+    changed = {k: (saved.get(k), v) for k, v in now.items()
+               if k not in _IGNORED_ON_RESUME and k in saved and saved.get(k) != v}
+    refused = {k: ov for k, ov in changed.items() if k in _REFUSED_ON_RESUME}
+    if refused:
+        what = ", ".join(f"{'precision (bf16)' if k == 'bf16' else k}: checkpoint {o!r}, now {n!r}"
+                         for k, (o, n) in sorted(refused.items()))
+        raise ValueError(f"resume: {path!r} cannot continue with changed settings ({what}); pass the checkpoint's "
+                         "values, or start a new run (--resume never or another --name)")
+    return changed
 
 
 def train(cfg) -> Dict:
@@ -175,11 +287,22 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
         raise ValueError(f"precision: bf16 is not supported on {device}")
     cfg.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.supports_bf16(device))
 
-    # ---- resume decision (rank 0 decides, everyone follows)
-    resume_path = _resolve_resume(cfg, ckpt_root, rank) if is_main else None
-    resume_path = _broadcast_obj(resume_path)
+    _probe_out_dir(out_dir, rank)
+
+    # ---- resume decision (rank 0 decides, everyone follows; also its refusal, so that
+    # no rank waits in a collective for one that raised)
+    decision = None
+    if is_main:
+        try:
+            decision = (_resolve_resume(cfg, ckpt_root, rank), None)
+        except ValueError as e:
+            decision = (None, str(e))
+    resume_path, resume_error = _broadcast_obj(decision)
+    if resume_error is not None:
+        raise ValueError(resume_error)
     ckpt.barrier()
     resume_state = None
+    changed_on_resume: Dict = {}
     if resume_path is not None:
         resume_state = torch.load(os.path.join(resume_path, "trainer_state.pt"), weights_only=False)
         mismatch = {k: (v, resume_state["fingerprint"].get(k)) for k, v in fingerprint(cfg).items()
@@ -193,6 +316,10 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             raise ValueError(f"resume: checkpoint world size {resume_state['world_size']} != {world} (C4 stream)")
         if resume_state["world_size"] != world and cfg.engine == "deepspeed":
             raise ValueError(f"resume: DeepSpeed checkpoint of world size {resume_state['world_size']} != {world}")
+        changed_on_resume = _check_resume_settings(cfg, resume_state.get("settings"), resume_path)
+        if is_main and changed_on_resume:
+            _event(out_dir, "resume: applying changed settings (checkpoint -> now): "
+                            + ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in sorted(changed_on_resume.items())))
 
     # ---- data (before the model: bad paths / tokenizers fail before any heavy work)
     data = build_datasets(cfg, rank, world)
@@ -237,8 +364,11 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
 
     if is_main:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(dict(to_jsonable(cfg), n_params=n_params, device=str(device), bf16=cfg.bf16), f, indent=2)
+        with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
+            json.dump(dict(to_jsonable(cfg), n_params=n_params, device=str(device), bf16=cfg.bf16,
+                           resumed_from=resume_path, resumed_at_step=start_step,
+                           changed_on_resume={k: list(v) for k, v in changed_on_resume.items()}), f, indent=2)
+        os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))
     metrics = _Metrics(out_dir, is_main, start_step, not cfg.no_tensorboard)
     tokens_per_step = cfg.global_batch * cfg.seq_len
     if is_main:
@@ -259,6 +389,13 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
 
         pbar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True)
 
+    nan_rank, nan_steps = None, set()
+    if os.environ.get(NAN_ENV):
+        r, steps_s = os.environ[NAN_ENV].split(":", 1)
+        nan_rank, nan_steps = int(r), {int(x) for x in steps_s.split(",")}
+    skipped_total = int(resume_state.get("skipped_steps", 0)) if resume_state is not None else 0
+    skipped_run = 0   # consecutive
+
     step = start_step
     if start_step == 0:   # the starting point of the validation curve
         vl0 = _evaluate(engine, data.val, cfg.eval_micro_batch, device)
@@ -273,6 +410,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     engine.train(True)
     while step < cfg.steps:
         lr = engine.lr
+        engine.inject_nan = nan_rank == rank and (step + 1) in nan_steps
         for micro in range(cfg.grad_accum):
             ids = data.train.next_micro()
             if int(ids.max()) >= vocab:
@@ -282,6 +420,17 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
         gnorm = engine.step()
         step += 1
         steps_since += 1
+        if engine.skipped:
+            skipped_total, skipped_run = skipped_total + 1, skipped_run + 1
+            if is_main:
+                _event(out_dir, f"step {step}: global gradient norm {float(gnorm)} is not finite; update skipped "
+                                f"({skipped_run} in a row, {skipped_total} in this run)")
+            if skipped_run >= cfg.max_skipped_steps:
+                raise RuntimeError(f"training diverged: {skipped_run} consecutive steps (up to step {step}) had a "
+                                   f"non-finite gradient norm (--max-skipped-steps {cfg.max_skipped_steps}); resume "
+                                   f"from the last checkpoint in {ckpt_root!r} with a lower --lr or --grad-clip")
+        else:
+            skipped_run = 0
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             stats = torch.stack([loss_acc / max(1, n_acc), gnorm.to(device=device, dtype=loss_acc.dtype)])
@@ -295,7 +444,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             tps_hist.append(tps)
             loss_v, gn_v = stats.tolist()
             rec = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": gn_v, "tokens": step * tokens_per_step,
-                   "tokens_per_s": tps, "epoch": data.train.epoch}
+                   "tokens_per_s": tps, "epoch": data.train.epoch, "skipped_steps": skipped_total}
             metrics.log(rec)
             last.update(loss=loss_v, tokens_per_s=tps)
             if pbar is not None:
@@ -322,6 +471,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
 
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             state = {"step": step, "fingerprint": fingerprint(cfg), "world_size": world, "name": cfg.name,
+                     "settings": _resume_settings(cfg), "skipped_steps": skipped_total,
                      "per_rank": {"data": data.train.state_dict(), "rng": ckpt.rng_state(device)}}
             ckpt.save_checkpoint(ckpt_root, step, engine, state, rank, cfg.keep_checkpoints)
             t_mark = time.perf_counter()
@@ -339,7 +489,8 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
                "start_step": start_step, "final_loss": last["loss"], "final_val_loss": last["val_loss"],
                "final_val_ppl": math.exp(min(last["val_loss"], 50.0)) if last["val_loss"] == last["val_loss"] else None,
                "tokens_per_s": (sum(tps_hist) / len(tps_hist)) if tps_hist else None,
-               "train_seconds": train_time, "world_size": world, "device": str(device), "n_params": n_params,
+               "train_seconds": train_time, "skipped_steps": skipped_total, "world_size": world,
+               "device": str(device), "n_params": n_params,
                "out_dir": out_dir}
     if is_main:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
