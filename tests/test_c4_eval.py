@@ -9,8 +9,14 @@ import json
 import torch
 
 from mgup_dist.train import config as tcfg
-from mgup_dist.train.data import (ByteTokenizer, VAL_SHUFFLE_SEED, _doc_eval_rows, buffer_shuffle, build_datasets,
-                                  truncate_keep_eos)
+from mgup_dist.train.data import (
+    VAL_SHUFFLE_SEED,
+    ByteTokenizer,
+    _doc_eval_rows,
+    buffer_shuffle,
+    build_datasets,
+    truncate_keep_eos,
+)
 
 
 def _write(dir_, texts_val, n_train=8):
