@@ -184,3 +184,19 @@ def test_resume_keeps_step_on_cpu_and_continues_bit_identically(tmp_path, make):
         assert torch.equal(pa, pb)
     for sa, sb in zip(opt_a.state.values(), opt_b.state.values()):
         assert float(sa["step"]) == float(sb["step"]) == 6.0
+
+
+def test_trainer_refuses_surplus_ranks_before_any_work(monkeypatch):
+    # What NPROC=2 on a 1-GPU machine looks like to rank 1 (torch.cuda stood in for: no
+    # GPU here); the error comes from the device resolution, before set_device / init.
+    from mgup_dist.train import trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="2 local processes .* only 1 visible cuda"):
+        trainer._init_distributed(types.SimpleNamespace(device="cuda", engine="ddp"))
