@@ -7,7 +7,10 @@
 #
 # Environment (defaults):
 #   HOSTFILE      DeepSpeed hostfile, lines "host slots=N" (empty: this node only)
-#   NUM_GPUS      devices per node when no hostfile is given (1)
+#   NUM_GPUS      devices of this node when no hostfile is given and CUDA_VISIBLE_DEVICES
+#                 is unset: devices 0..NUM_GPUS-1 (1)
+#   CUDA_VISIBLE_DEVICES  honoured on one node: passed as --include localhost:<list>
+#                 (with --num_gpus the launcher would drop it and use devices 0..N-1)
 #   MASTER_ADDR   rendezvous host (DeepSpeed's default: the first host)
 #   MASTER_PORT   rendezvous port (29500)
 #   DS_CONFIG     DeepSpeed JSON: a path or a name in configs/deepspeed (zero2)
@@ -17,6 +20,7 @@
 set -euo pipefail
 
 HOSTFILE=${HOSTFILE:-}
+NUM_GPUS_SET=${NUM_GPUS:+1}
 NUM_GPUS=${NUM_GPUS:-1}
 MASTER_PORT=${MASTER_PORT:-29500}
 DS_CONFIG=${DS_CONFIG:-zero2}
@@ -26,8 +30,15 @@ DEEPSPEED=${DEEPSPEED:-deepspeed}
 cmd=("$DEEPSPEED")
 if [[ -n "$HOSTFILE" ]]; then
   cmd+=(--hostfile "$HOSTFILE" --launcher "$DS_LAUNCHER")
+elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+  IFS=, read -r -a _devs <<< "$CUDA_VISIBLE_DEVICES"
+  if [[ -n "$NUM_GPUS_SET" && "$NUM_GPUS" != "${#_devs[@]}" ]]; then
+    echo "deepspeed.sh: NUM_GPUS=$NUM_GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES lists ${#_devs[@]}; set one" >&2
+    exit 2
+  fi
+  cmd+=(--include "localhost:$CUDA_VISIBLE_DEVICES")
 else
-  cmd+=(--num_gpus "$NUM_GPUS")
+  cmd+=(--include "localhost:$(seq -s, 0 $((NUM_GPUS - 1)))")
 fi
 [[ -n "${MASTER_ADDR:-}" ]] && cmd+=(--master_addr "$MASTER_ADDR")
 cmd+=(--master_port "$MASTER_PORT" --no_local_rank --module mgup_dist.train

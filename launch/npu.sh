@@ -19,6 +19,14 @@
 #   ASCEND_SET_ENV             CANN environment script, sourced when it exists
 #                              (/usr/local/Ascend/ascend-toolkit/set_env.sh)
 #   DRY_RUN                    1: print the command instead of running it
+#
+# CANN's set_env.sh reads unset variables (e.g. $PYTHONPATH) and runs commands that
+# return non-zero: it is sourced first, before `set -euo pipefail` takes effect.
+ASCEND_SET_ENV=${ASCEND_SET_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}
+if [[ -f "$ASCEND_SET_ENV" ]]; then
+  # shellcheck disable=SC1090
+  source "$ASCEND_SET_ENV" || true
+fi
 set -euo pipefail
 
 ASCEND_RT_VISIBLE_DEVICES=${ASCEND_RT_VISIBLE_DEVICES:-0}
@@ -27,7 +35,6 @@ DS_CONFIG=${DS_CONFIG:-zero2}
 MASTER_PORT=${MASTER_PORT:-29500}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-1200}
-ASCEND_SET_ENV=${ASCEND_SET_ENV:-/usr/local/Ascend/ascend-toolkit/set_env.sh}
 IFS=, read -r -a _devs <<< "$ASCEND_RT_VISIBLE_DEVICES"
 NPROC=${#_devs[@]}
 
@@ -35,7 +42,9 @@ envs=(ASCEND_RT_VISIBLE_DEVICES="$ASCEND_RT_VISIBLE_DEVICES" HCCL_CONNECT_TIMEOU
 case "$ENGINE" in
   deepspeed)
     envs+=(DS_ACCELERATOR=npu)
-    cmd=(deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --no_local_rank --module mgup_dist.train
+    # --include, not --num_gpus: with --num_gpus the launcher drops ASCEND_RT_VISIBLE_DEVICES
+    # ("ignoring it") and 4,5,6,7 would run on NPUs 0-3.
+    cmd=(deepspeed --include "localhost:$ASCEND_RT_VISIBLE_DEVICES" --master_port "$MASTER_PORT" --no_local_rank --module mgup_dist.train
          --engine deepspeed --deepspeed-config "$DS_CONFIG" --device npu "$@") ;;
   ddp|fsdp2)
     cmd=(torchrun --nnodes 1 --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" --max-restarts "$MAX_RESTARTS"
@@ -47,6 +56,4 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' env "${envs[@]}" "${cmd[@]}"; echo
   exit 0
 fi
-# shellcheck disable=SC1090
-[[ -f "$ASCEND_SET_ENV" ]] && source "$ASCEND_SET_ENV"
 exec env "${envs[@]}" "${cmd[@]}"

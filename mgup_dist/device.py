@@ -23,6 +23,8 @@ __all__ = [
     "fused_adamw_available",
     "synchronize",
     "set_device_for_local_rank",
+    "device_count",
+    "check_local_processes",
 ]
 
 DEVICE_KINDS = ("cpu", "cuda", "npu")
@@ -116,7 +118,33 @@ def supports_bf16(device: Union[str, torch.device]) -> bool:
     kind = device_kind(device)
     if kind == "cuda":
         return torch.cuda.is_bf16_supported()
-    return True  # CPU and Ascend 910B/C run bf16
+    if kind == "npu":
+        # Ascend 910B/C run bf16, a 910A does not: torch_npu says which one this is.
+        return bool(_module("npu").is_bf16_supported())
+    return True  # CPU
+
+
+def device_count(kind: str) -> int:
+    """Visible accelerators of a kind (after CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES)."""
+    if kind not in ("cuda", "npu"):
+        raise ValueError(f"device_count: kind must be 'cuda' or 'npu', got {kind!r}")
+    if kind == "npu" and not npu_available():
+        return 0
+    return int(_module(kind).device_count())
+
+
+def check_local_processes(device: torch.device, local_world_size: int) -> None:
+    """One process per accelerator: more local processes than visible devices would make
+    the surplus ranks fail late with "invalid device ordinal"; refuse before any work."""
+    if device.type == "cpu":
+        return
+    n = device_count(device.type)
+    if local_world_size > n or (device.index is not None and device.index >= n):
+        raise ValueError(
+            f"device: {local_world_size} local processes (LOCAL_WORLD_SIZE) but only {n} visible {device.type} "
+            f"device(s) on this node (index {device.index} asked); start at most {n} processes per node "
+            f"(torchrun --nproc_per_node / NPROC) or make more devices visible"
+        )
 
 
 def fused_adamw_available(device: Union[str, torch.device]) -> bool:

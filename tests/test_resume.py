@@ -16,7 +16,7 @@ from mgup_dist.train.trainer import FAULT_ENV
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--steps", "10", "--save-every", "4", "--eval-every", "5", "--log-every", "1", "--global-batch", "8",
-        "--seq-len", "32", "--eval-tokens", "1024", "--no-progress", "--no-plots", "--no-tensorboard"]
+        "--seq-len", "32", "--eval-tokens", "1024", "--no-progress", "--no-plots", "--no-tensorboard", "--device", "cpu"]
 
 
 def _torchrun(out, extra_env=None):

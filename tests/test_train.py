@@ -190,7 +190,7 @@ def _torchrun(tmp_path, engine, extra=()):
     env = dict(os.environ, NPROC="2", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "--engine", engine, "--steps", "12", "--eval-every", "6",
            "--log-every", "6", "--global-batch", "8", "--micro-batch", "2", "--seq-len", "64", "--eval-tokens", "4096",
-           "--save-every", "6", "--out-dir", str(out), "--no-plots", *QUIET, *extra]
+           "--save-every", "6", "--out-dir", str(out), "--no-plots", "--device", "cpu", *QUIET, *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     with open(out / "summary.json") as f:

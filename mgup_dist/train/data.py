@@ -23,7 +23,7 @@ import itertools
 import json
 import os
 import zlib
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -248,6 +248,8 @@ def _iter_hub_docs(split: str, seed: int, rank: int = 0, world_size: int = 1) ->
     ds = datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
     if split == "train":
         ds = ds.shuffle(seed=seed, buffer_size=10_000)
+    else:   # GaLore's evaluation: val_data.shuffle(seed=42), datasets' default buffer
+        ds = ds.shuffle(seed=seed, buffer_size=VAL_SHUFFLE_BUFFER)
     if world_size > 1:
         ds = datasets.distributed.split_dataset_by_node(ds, rank=rank, world_size=world_size)
     for ex in ds:
@@ -303,7 +305,7 @@ class DocStream:
                     self._queue.append(self.carry[: self.seq_len])
                     self.carry = self.carry[self.seq_len:]
             else:
-                self._queue.append(doc[: self.seq_len])
+                self._queue.append(truncate_keep_eos(doc, self.seq_len, eos))
 
     def next_micro(self) -> torch.Tensor:
         while len(self._queue) < self.micro:
@@ -338,6 +340,41 @@ class DocStream:
         return float(self.passes)
 
 
+def truncate_keep_eos(doc: List[int], seq_len: int, eos: Optional[int]) -> List[int]:
+    """One document, one sample (``packing: pad``): a document longer than ``seq_len``
+    ending in EOS keeps its EOS as the last token, as GaLore's
+    ``tokenizer(..., max_length=L, truncation=True)`` does (T5 appends </s> after cutting)."""
+    if len(doc) <= seq_len:
+        return list(doc)
+    if eos is not None and doc[-1] == eos:
+        return list(doc[: seq_len - 1]) + [eos]
+    return list(doc[:seq_len])
+
+
+VAL_SHUFFLE_SEED = 42      # GaLore: val_data.shuffle(seed=42)
+VAL_SHUFFLE_BUFFER = 1000  # datasets' default buffer of IterableDataset.shuffle
+
+
+def buffer_shuffle(items: Iterator, seed: int = VAL_SHUFFLE_SEED, buffer_size: int = VAL_SHUFFLE_BUFFER) -> Iterator:
+    """A seeded buffer shuffle of a stream (the scheme of datasets' streaming ``shuffle``):
+    fill a buffer, then each new item replaces, and yields, a uniformly drawn slot; the
+    rest leaves in random order at the end.  Deterministic for a seed; not the same
+    permutation as the hub's (which also shuffles shard order) for local shards."""
+    if buffer_size < 1:
+        raise ValueError(f"buffer_size: must be >= 1, got {buffer_size}")
+    gen = torch.Generator().manual_seed(seed)
+    buf: List = []
+    for x in items:
+        if len(buf) < buffer_size:
+            buf.append(x)
+            continue
+        i = int(torch.randint(buffer_size, (1,), generator=gen))
+        yield buf[i]
+        buf[i] = x
+    for i in torch.randperm(len(buf), generator=gen).tolist():
+        yield buf[i]
+
+
 def _pad_rows(rows: List[List[int]], seq_len: int, pad: int) -> torch.Tensor:
     out = torch.full((len(rows), seq_len), pad, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -345,30 +382,42 @@ def _pad_rows(rows: List[List[int]], seq_len: int, pad: int) -> torch.Tensor:
     return out
 
 
-def _doc_eval_rows(texts: Iterator[str], tok, seq_len: int, max_samples: int, pack: bool) -> List[List[int]]:
+def _doc_eval_rows(texts: Iterator[str], tok, seq_len: int, max_tokens: int, pack: bool,
+                   min_rows: int = 1) -> List[List[int]]:
+    """Validation samples (unpadded token lists) until they hold ``max_tokens`` non-pad
+    tokens (and at least ``min_rows`` samples): GaLore's budget counts
+    ``input_ids != pad`` (10M), not padded positions."""
     rows: List[List[int]] = []
     carry: List[int] = []
     chunk: List[str] = []
+    counted = 0
+
+    def more() -> bool:
+        return counted < max_tokens or len(rows) < min_rows
 
     def flush():
-        nonlocal carry
+        nonlocal carry, counted
         for doc in tok.encode_batch(chunk):
             if pack:
                 carry.extend(doc + ([] if doc and doc[-1] == tok.eos_token_id else [tok.eos_token_id]))
-                while len(carry) >= seq_len and len(rows) < max_samples:
+                while len(carry) >= seq_len and more():
                     rows.append(carry[:seq_len])
+                    counted += seq_len
                     carry = carry[seq_len:]
-            elif len(rows) < max_samples:
-                rows.append(doc[:seq_len])
+            elif more():
+                row = truncate_keep_eos(doc, seq_len, tok.eos_token_id)
+                if row:
+                    rows.append(row)
+                    counted += sum(1 for t in row if t != tok.pad_token_id)
         chunk.clear()
 
     for t in texts:
         chunk.append(t)
         if len(chunk) == 256:
             flush()
-            if len(rows) >= max_samples:
+            if not more():
                 break
-    if chunk and len(rows) < max_samples:
+    if chunk and more():
         flush()
     return rows
 
@@ -400,18 +449,22 @@ def build_datasets(cfg, rank: int, world_size: int) -> Datasets:
         train_files = c4_local_files(cfg.data_path, "train")
         val_files = c4_local_files(cfg.data_path, "validation")
         train_factory = lambda: _iter_local_docs(train_files)  # noqa: E731
-        val_texts = (_json_text(line) for line in _iter_local_docs(val_files))
+        # GaLore's evaluation: the validation split shuffled with seed 42 (see buffer_shuffle).
+        val_texts = buffer_shuffle(_json_text(line) for line in _iter_local_docs(val_files))
         raw_json = True
         desc = f"C4 local shards: {len(train_files)} train / {len(val_files)} validation files in {cfg.data_path}"
     else:  # pragma: no cover - needs the network
         train_factory = lambda: _iter_hub_docs("train", cfg.seed, rank, world_size)  # noqa: E731
-        val_texts = _iter_hub_docs("validation", cfg.seed)
+        val_texts = _iter_hub_docs("validation", VAL_SHUFFLE_SEED)
         raw_json = False
         desc = "C4 allenai/c4 'en' streamed from the hub"
     train = DocStream(train_factory, tok, cfg.seq_len, cfg.micro_batch, rank, world_size,
                       pack=cfg.packing == "pack", raw_json=raw_json, presharded=not cfg.data_path)
-    # Every rank reads the same first documents and keeps its own equal share.
-    rows = _doc_eval_rows(val_texts, tok, cfg.seq_len, max_eval, pack=cfg.packing == "pack")
+    # GaLore's definition: the shuffled validation split, samples until cfg.eval_tokens
+    # non-pad tokens are counted.  Every rank reads the same documents and keeps its own
+    # equal share.
+    rows = _doc_eval_rows(val_texts, tok, cfg.seq_len, cfg.eval_tokens, pack=cfg.packing == "pack",
+                          min_rows=world_size)
     n = len(rows) - len(rows) % world_size
     if n == 0:
         raise ValueError(f"data: the validation split yielded fewer than {world_size} samples")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .data import IGNORE_INDEX
 from .optim import CosineWithWarmup, build_optimizer, build_scheduler, optimizer_spec, param_groups
 
-__all__ = ["build_engine", "Engine"]
+__all__ = ["build_engine", "Engine", "load_optimizer_state"]
 
 
 def _labels(ids: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
@@ -125,7 +125,7 @@ class DDPEngine(Engine):
 
     def load(self, path: str) -> None:
         self.raw_model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=self.device))
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device))
+        load_optimizer_state(self.optimizer, os.path.join(path, "optimizer.pt"))
         self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
 
 
@@ -270,6 +270,27 @@ class DeepSpeedEngine(Engine):
                                                   load_lr_scheduler_states=True)
         if load_path is None:
             raise ValueError(f"resume: DeepSpeed found no checkpoint under {path!r}")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, file: str) -> None:
+    """Load ``optimizer.pt`` so every state tensor lands where a fresh optimizer keeps it.
+    torch's ``Optimizer.load_state_dict`` moves moments to their parameter's device and
+    dtype, but hands ``step`` over as loaded unless the group is capturable/fused.  Loaded
+    with ``map_location=device`` the counter would sit on the accelerator and each
+    non-capturable step (torch's and MGUP's, which read it with ``.item()``) would wait on
+    the device.  So load on the CPU and let torch's per-parameter policy place the rest:
+    ``step`` stays a CPU 0-d tensor where a fresh one is, and goes to the device exactly
+    where capturable/fused optimizers want it.  A counter saved elsewhere (an older
+    checkpoint written from the device, or in float64) is put back to the fresh layout:
+    a CPU float32 0-d tensor for non-capturable, non-fused groups."""
+    optimizer.load_state_dict(torch.load(file, map_location="cpu"))
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("fused"):
+            continue   # torch's policy already put 'step' on the parameter's device, fp32
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device="cpu", dtype=torch.float32)
 
 
 _ENGINES = {"ddp": DDPEngine, "fsdp2": FSDP2Engine, "deepspeed": DeepSpeedEngine}

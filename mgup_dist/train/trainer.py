@@ -54,6 +54,7 @@ def _init_distributed(cfg):
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = dev.resolve_device(cfg.device, local_rank=local_rank)
+    dev.check_local_processes(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     dev.set_device_for_local_rank(device)
     created = False
     if (world > 1 or cfg.engine in ("fsdp2", "deepspeed")) and not dist.is_initialized():
@@ -155,19 +156,25 @@ class _Metrics:
 
 
 def _evaluate(engine, val: torch.Tensor, micro: int, device) -> float:
+    """Mean token loss over the validation set of all ranks.  Local sums accumulate in
+    float64; the all-reduce carries only dtypes hccl accepts (no float64 on NPU): the sum
+    as two fp32 parts hi + lo (hi = fp32(sum), lo = fp32(sum - hi), so ~48 bits survive
+    the reduction) and the token count as int64 (exact)."""
     engine.train(False)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
     for i in range(0, val.shape[0], micro):
         s, c = engine.eval_sums(val[i: i + micro])
         total += s.double()
-        count += c.double()
+        count += c.long()
     if dist.is_initialized():
-        both = torch.stack([total, count])
-        dist.all_reduce(both)
-        total, count = both[0], both[1]
+        hi = total.float()
+        parts = torch.stack([hi, (total - hi.double()).float()])
+        dist.all_reduce(parts)
+        dist.all_reduce(count)
+        total = parts[0].double() + parts[1].double()
     engine.train(True)
-    return (total / count.clamp_min(1)).item()
+    return (total / count.clamp_min(1).double()).item()
 
 
 def _event(out_dir: Optional[str], msg: str) -> None:
