@@ -488,3 +488,18 @@ def fused_adam_equivalence(rank, world_size, which):
             inner = [type(s.optimizer).__name__ for s in opt.chained_optimizers]
             out[("bf16" if bf16 else "fp32", "dist" if dist_opt else "plain")] = dict(diffs=diffs, inner=inner)
     return plain(out)
+
+
+def fused_adam_checkpoint(rank, world_size, ckpt_dir):
+    """:func:`checkpoint_roundtrip` (fp32) with apex's FusedAdam as megatron's Adam: with
+    apex or TE installed megatron's DistributedOptimizer keeps ``step`` in the param
+    groups (``HAVE_APEX_OR_TE`` branches of ``state_dict`` / ``load_state_dict``), not in
+    each param's state as for torch's AdamW."""
+    import fused_adam_standins as S
+
+    S.install("apex")
+    out = checkpoint_roundtrip(rank, world_size, ckpt_dir, False)
+    import megatron.core.optimizer.distrib_optimizer as dmod
+
+    out["apex_branch"] = bool(dmod.USING_APEX_OPTIMIZER and dmod.HAVE_APEX_OR_TE)
+    return out
