@@ -447,9 +447,9 @@ def _bind_te_standin():
     ``HAVE_APEX_OR_TE=True`` in ``distrib_optimizer``.  The stand-in module itself is
     registered under ``transformer_engine.pytorch.optimizers`` only after megatron's
     import (see tests/fused_adam_standins.py)."""
+    import fused_adam_standins as S
     import megatron.core.optimizer as mopt
     import megatron.core.optimizer.distrib_optimizer as dmod
-    import fused_adam_standins as S
 
     cls = S.install("te", allow_after_megatron=True)
     mopt.Adam, mopt.SGD, mopt.USING_PYTORCH_OPTIMIZER = cls, sys.modules[S.TE_MODULE].FusedSGD, False
