@@ -17,6 +17,7 @@ so at DP=2 (448 elements a rank) l1.weight (64x8 = 512) is cut at 448: elements
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
@@ -432,3 +433,73 @@ def three_ranks_placeholder(rank, world_size):
         for g in inner.param_groups
     ]
     return plain(dict(diffs=diffs, groups=groups))
+
+
+# ------------------------------------------------------------------ apex / TE FusedAdam
+def _bind_te_standin():
+    """Transformer Engine cannot stand in by import path alone on CPU: once
+    ``import transformer_engine`` succeeds, megatron-core 0.16 treats all of TE as present
+    (``fp8_utils`` imports ``transformer_engine.pytorch.tensor.QuantizedTensor`` and
+    ``megatron.core.extensions.transformer_engine`` at import time).  So, after a plain
+    import, bind exactly what the TE branch of megatron's ``try`` would have bound:
+    ``optimizer.Adam`` / ``SGD`` and ``USING_PYTORCH_OPTIMIZER=False`` in
+    ``megatron.core.optimizer``; ``Adam``, ``USING_TE_OPTIMIZER=True`` and
+    ``HAVE_APEX_OR_TE=True`` in ``distrib_optimizer``.  The stand-in module itself is
+    registered under ``transformer_engine.pytorch.optimizers`` only after megatron's
+    import (see tests/fused_adam_standins.py)."""
+    import fused_adam_standins as S
+    import megatron.core.optimizer as mopt
+    import megatron.core.optimizer.distrib_optimizer as dmod
+
+    cls = S.install("te", allow_after_megatron=True)
+    mopt.Adam, mopt.SGD, mopt.USING_PYTORCH_OPTIMIZER = cls, sys.modules[S.TE_MODULE].FusedSGD, False
+    dmod.Adam, dmod.USING_TE_OPTIMIZER, dmod.USING_APEX_OPTIMIZER, dmod.HAVE_APEX_OR_TE = cls, True, False, True
+    return cls
+
+
+def fused_adam_equivalence(rank, world_size, which):
+    """megatron-core builds apex's ("apex": stand-in installed under ``apex.optimizers``
+    before megatron is imported) or TE's FusedAdam ("te", see :func:`_bind_te_standin`);
+    MGUP must replace it, and the step must equal the single-device step (fp32 and bf16,
+    distributed and plain optimizer, 3 steps)."""
+    import fused_adam_standins as S
+
+    cls = S.install("apex") if which == "apex" else None
+    setup_megatron()
+    if which == "te":
+        cls = _bind_te_standin()
+    from megatron.core.optimizer import get_megatron_optimizer as megatron_get
+
+    # Without MGUP megatron-core itself picks the stand-in (so the path below is real).
+    base = megatron_get(optimizer_config(False, True, "adam"), [wrap_ddp(make_module(False), False, True)])
+    out = {"megatron_builds": type(base.chained_optimizers[0].optimizer) is cls}
+    mgup = dict(mask_ratio=0.5, alpha=2.0, gamma=0.5)
+    for bf16 in (False, True):
+        for dist_opt in (True, False):
+            model, opt = build(bf16, dist_opt, mgup=dict(mgup, scope="tensor"))
+            mod, fp32, ref = reference(bf16, dict(mgup, scope="tensor"))
+            diffs = []
+            for step in range(3):
+                x, y = batch(step, 0, bf16)
+                train_step(model, opt, x, y)
+                reference_step(mod, fp32, ref, x, y, dp=world_size)
+                expect = {n: t.to(torch.bfloat16).float() if bf16 else t for n, t in fp32.items()}
+                diffs.append(max_diff(named_params(model), expect))
+            inner = [type(s.optimizer).__name__ for s in opt.chained_optimizers]
+            out[("bf16" if bf16 else "fp32", "dist" if dist_opt else "plain")] = dict(diffs=diffs, inner=inner)
+    return plain(out)
+
+
+def fused_adam_checkpoint(rank, world_size, ckpt_dir):
+    """:func:`checkpoint_roundtrip` (fp32) with apex's FusedAdam as megatron's Adam: with
+    apex or TE installed megatron's DistributedOptimizer keeps ``step`` in the param
+    groups (``HAVE_APEX_OR_TE`` branches of ``state_dict`` / ``load_state_dict``), not in
+    each param's state as for torch's AdamW."""
+    import fused_adam_standins as S
+
+    S.install("apex")
+    out = checkpoint_roundtrip(rank, world_size, ckpt_dir, False)
+    import megatron.core.optimizer.distrib_optimizer as dmod
+
+    out["apex_branch"] = bool(dmod.USING_APEX_OPTIMIZER and dmod.HAVE_APEX_OR_TE)
+    return out

@@ -47,9 +47,12 @@ def test_core_patch_applies_to_installed_version(patched_copy):
 
 
 @pytest.mark.timeout(300)
-def test_patched_core_runs_mgup(patched_copy, tmp_path):
+@pytest.mark.parametrize("standin", ["none", "apex"])
+def test_patched_core_runs_mgup(patched_copy, tmp_path, standin):
     """One gloo rank, the patched megatron first on sys.path: the stock entry point with
-    optimizer='cmgup_adamw' and mgup_* fields returns megatron's optimizer around MGUP."""
+    optimizer='cmgup_adamw' and mgup_* fields returns megatron's optimizer around MGUP.
+    ``apex``: apex's FusedAdam stand-in (tests/fused_adam_standins.py) is installed under
+    ``apex.optimizers`` before megatron is imported, so megatron's Adam is apex's."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, warnings
@@ -57,8 +60,12 @@ def test_patched_core_runs_mgup(patched_copy, tmp_path):
         import torch, torch.distributed as dist
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
         dist.init_process_group("gloo", rank=0, world_size=1)
+        if {standin!r} == "apex":
+            import fused_adam_standins
+            fused_adam_standins.install("apex")
         import megatron.core.optimizer as mco
         assert mco.__file__.startswith({str(patched_copy)!r}), mco.__file__
+        print("ADAM", mco.Adam.__module__)
         import _megatron_workers as W
         W.setup_megatron()
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -81,9 +88,10 @@ def test_patched_core_runs_mgup(patched_copy, tmp_path):
     out = subprocess.run([sys.executable, str(script), str(free_port())], env=env, capture_output=True, text=True,
                          timeout=280)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = {ln.split()[0]: ln.split()[1:] for ln in out.stdout.splitlines() if ln.startswith(("RESULT", "STEP"))}
+    lines = {ln.split()[0]: ln.split()[1:] for ln in out.stdout.splitlines() if ln.startswith(("RESULT", "STEP", "ADAM"))}
     assert lines["RESULT"] == ["CMGUPAdamW", "cautious", "1.5", "0.75", "0.3", "shard", "cmgup_adamw"], lines
     assert lines["STEP"] == ["1.0"]
+    assert lines["ADAM"] == [{"none": "torch.optim.adamw", "apex": "apex.optimizers.fused_adam"}[standin]]
 
 
 def test_megatron_lm_patch_is_well_formed():

@@ -11,8 +11,9 @@ Adam's state names.  MGUP-AdamW keeps exactly those names (``step``, ``exp_avg``
 
 1. let megatron-core build everything with ``optimizer="adam"`` (all its sharding,
    buffers, param-group logic stay untouched);
-2. replace each wrapper's inner ``torch.optim.AdamW`` (still stateless) by an
-   ``MGUPAdamW`` over the *same* parameters: the shard main params (1-D fp32 ranges) for
+2. replace each wrapper's inner Adam (still stateless: ``torch.optim.AdamW``, or apex's /
+   Transformer Engine's ``FusedAdam`` where installed, see :func:`_check_replaceable`
+   for the options refused by name) by an ``MGUPAdamW`` over the *same* parameters: the shard main params (1-D fp32 ranges) for
    the distributed optimizer, the model / fp32 main params otherwise;
 3. give every shard main param its :class:`~mgup_dist.layout.Layout` (which range of
    which tensor it is, and which tensors are split across the data-parallel ranks), so
@@ -168,13 +169,11 @@ def _swap_inner_optimizer(sub, cls, opts: Dict[str, Any], config) -> None:
     old = getattr(sub, "optimizer", None)
     if old is None:  # a stub optimizer (no trainable params on this rank): nothing to run
         return
-    if not isinstance(old, torch.optim.AdamW) or len(old.state):
-        raise RuntimeError(
-            f"expected megatron-core to build a fresh torch.optim.AdamW inner optimizer, got {type(old).__name__} "
-            f"with {len(old.state)} state entries (is Transformer Engine's FusedAdam in use? MGUP replaces it)"
-        )
-    # The param groups keep megatron's keys (wd_mult, lr_mult, max_lr, ...); AdamW's own
-    # flags (amsgrad, fused, ...) are dropped so MGUPAdamW fills in its defaults.
+    _check_replaceable(old)
+    # The param groups keep megatron's keys (wd_mult, lr_mult, max_lr, ...) and their lr,
+    # betas, eps, weight_decay; the base optimizer's own flags (torch's amsgrad / fused /
+    # ..., FusedAdam's bias_correction, checked above) are dropped so MGUPAdamW fills in
+    # its defaults.
     torch_only = set(old.defaults) - {"lr", "betas", "eps", "weight_decay"}
     # The distributed optimizer's shard params are views of model params (non-leaf), which
     # torch's add_param_group refuses; megatron itself assigns them to ``param_groups``
@@ -204,6 +203,93 @@ def _swap_inner_optimizer(sub, cls, opts: Dict[str, Any], config) -> None:
         _add_placeholders(sub, collective)
     sub.init_state_fn = _init_state_fn
     sub.__class__ = _checkpoint_safe_class(type(sub))
+
+
+# ------------------------------------------------------------- the inner Adam
+# megatron-core 0.16 builds its Adam from whatever imports first: Transformer Engine's
+# FusedAdam, else apex's FusedAdam, else torch.optim.AdamW.  MGUPAdamW computes
+# torch AdamW's math (bias-corrected m_hat / (sqrt(v_hat) + eps), decoupled weight decay)
+# with per-param state (step, exp_avg, exp_avg_sq in fp32 for fp32 main params), so a
+# FusedAdam is replaced exactly when it is configured as that same AdamW; anything else
+# changes the math or moves state/master weights into the fused optimizer.
+_FUSED_ADAM_MODULES = {
+    "transformer_engine.pytorch.optimizers": "Transformer Engine",
+    "apex.optimizers": "apex",
+}
+
+
+def _fused_adam_origin(opt) -> Optional[str]:
+    """'Transformer Engine' / 'apex' if ``opt`` is that package's FusedAdam (the class
+    megatron imported, looked up in ``sys.modules``: nothing is imported here)."""
+    import sys
+
+    for module, origin in _FUSED_ADAM_MODULES.items():
+        cls = getattr(sys.modules.get(module), "FusedAdam", None)
+        if isinstance(cls, type) and isinstance(opt, cls):
+            return origin
+    return None
+
+
+def _check_replaceable(old) -> None:
+    """ValueError (naming the option) unless ``old`` is a fresh AdamW-equivalent optimizer
+    that MGUPAdamW can replace with identical hyperparameters."""
+    origin = _fused_adam_origin(old)
+    if origin is None and not isinstance(old, torch.optim.AdamW):
+        raise ValueError(
+            f"megatron-core built a {type(old).__module__}.{type(old).__name__} inner optimizer; MGUP replaces only "
+            "torch.optim.AdamW, apex's FusedAdam or Transformer Engine's FusedAdam (config.optimizer='adam' with "
+            "decoupled_weight_decay=True)"
+        )
+    if len(old.state) or any("step" in g for g in old.param_groups):
+        raise RuntimeError(f"the inner {type(old).__name__} has already stepped: MGUP replaces only a fresh one")
+    name = f"{origin} FusedAdam" if origin else "torch.optim.AdamW"
+    for i, g in enumerate(old.param_groups):
+        if g.get("amsgrad", False):
+            raise ValueError(f"{name}: amsgrad=True (param group {i}) is not supported by MGUPAdamW; use amsgrad=False")
+        for flag in ("maximize", "differentiable"):
+            if g.get(flag, False):
+                raise ValueError(f"{name}: {flag}=True (param group {i}) is not supported by MGUPAdamW")
+        if origin and not g.get("bias_correction", True):
+            raise ValueError(
+                f"{name}: bias_correction=False (param group {i}): MGUPAdamW always bias-corrects its moments "
+                "(as torch's AdamW); use bias_correction=True"
+            )
+    if origin is None:
+        return
+    if not getattr(old, "adam_w_mode", True):
+        raise ValueError(
+            f"{name}: adam_w_mode=False (L2 penalty added to the gradient) differs from MGUPAdamW's decoupled "
+            "weight decay; use adam_w_mode=True (config.decoupled_weight_decay=True)"
+        )
+    if getattr(old, "capturable", False):
+        raise ValueError(
+            f"{name}: capturable=True (CUDA-graph capture, lr as a tensor): MGUPAdamW has no capturable "
+            "mode; use capturable=False"
+        )
+    if getattr(old, "set_grad_none", None) is False:
+        raise ValueError(
+            f"{name}: set_grad_none=False; MGUPAdamW.zero_grad() follows torch (set_to_none=True by default, "
+            "which is apex's set_grad_none=True); megatron's wrappers zero grads themselves: leave set_grad_none "
+            "at its default, or call zero_grad(set_to_none=False)"
+        )
+    # Precision-aware mode (TE; apex's master_weights / use_master): the fused optimizer
+    # keeps its own master weights or low-precision moments, which MGUP has no copy of.
+    precision = {
+        "master_weights": bool(getattr(old, "master_weights", False)),
+        "use_master": bool(getattr(old, "use_master", False)),
+        "use_decoupled_grad": bool(getattr(old, "use_decoupled_grad", False)),
+        "store_param_remainders": bool(getattr(old, "store_param_remainders", False)),
+        "exp_avg_dtype": getattr(old, "exp_avg_dtype", torch.float32) != torch.float32,
+        "exp_avg_sq_dtype": getattr(old, "exp_avg_sq_dtype", torch.float32) != torch.float32,
+    }
+    bad = [k for k, on in precision.items() if on]
+    if bad:
+        shown = ", ".join(f"{k}={getattr(old, k)!r}" for k in bad)
+        raise ValueError(
+            f"{name} in its precision-aware mode ({shown}) keeps master weights / moments MGUP cannot see; "
+            "set config.use_precision_aware_optimizer=False (fp32 main params and fp32 exp_avg / exp_avg_sq, "
+            "kept by megatron and MGUPAdamW)"
+        )
 
 
 # --------------------------------------------------------------------------- layouts
