@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from mgup_dist.kernels.base import Bufs, KEY_NAN, radix_widths  # noqa: E402
+from mgup_dist.kernels.base import KEY_NAN, Bufs, radix_widths  # noqa: E402
 from mgup_dist.kernels.torch_ops import TorchOps  # noqa: E402
 from mgup_dist.kernels.triton_cuda import TritonCUDA  # noqa: E402
 from mgup_dist.layout import Layout, Segment, whole_layout  # noqa: E402
@@ -45,10 +45,11 @@ def _bufs(rule, tensors, gen, state_dtype=None, ties=False):
         grads.append(g)
         for s in states:
             x = torch.rand(t.numel(), generator=gen).to(state_dtype or torch.float32)
-            if ties and s == "exp_avg":
+            if ties:  # equal grads then give equal scores
                 x.zero_()
             states[s].append(x)
-    return Bufs([t.reshape(-1) for t in tensors], grads, states, [1 - 0.9 ** 3] * len(tensors), [1 - 0.999 ** 3] * len(tensors))
+    n = len(tensors)
+    return Bufs([t.reshape(-1) for t in tensors], grads, states, [1 - 0.9 ** 3] * n, [1 - 0.999 ** 3] * n)
 
 
 def _clone(b: Bufs) -> Bufs:
@@ -63,7 +64,7 @@ def _tensors(sizes, dtype=torch.float32, seed=0):
 
 def _padded_layouts(tensors):
     """Buffer 0: [pad 3][tensor a 0..40][pad 5][tensor b 0..20][pad 2]; buffer 1: whole."""
-    a, b = tensors[0], tensors[1]
+    b = tensors[1]
     lay0 = Layout(segments=(Segment("a", 3, 40, 0, 40, (40,)), Segment("b", 48, 20, 0, 20, (20,))), numel=70)
     return [lay0, whole_layout(b, "c")]
 
@@ -83,7 +84,7 @@ def _select(backend, chunk, keys, hist0):
         want = want - below
         prefix = (prefix << w) | (d - (1 << (w - 1)) if p == 0 else d)
     t_key = torch.where(k > 0, prefix, torch.full_like(prefix, 2**31 - 1)).to(torch.int32)
-    return t_key, want  # want: how many ties at t_key are needed per unit
+    return t_key, want  # want: the K-th largest is the want-th of the ties at t_key, from below
 
 
 def _run(backend, rule, hp, chunk, bufs):
@@ -96,13 +97,18 @@ def _run(backend, rule, hp, chunk, bufs):
 
 
 def _take(chunk, ties, want):
-    """Per piece, how many of its ties to keep: the unit's need, filled in piece order."""
+    """Per piece, how many of its ties to keep: the unit's need (ties - want + 1: the ties at
+    or above the K-th largest), filled in piece order."""
+    total = {}
+    for i, pc in enumerate(chunk.pieces):
+        total[pc.unit] = total.get(pc.unit, 0) + int(ties[i])
     take, used = [], {}
     for i, pc in enumerate(chunk.pieces):
         if pc.unit < 0:
             take.append(0)
             continue
-        left = int(want[pc.unit]) - used.get(pc.unit, 0)
+        need = total[pc.unit] - int(want[pc.unit]) + 1 if chunk.k[pc.unit] else 0
+        left = need - used.get(pc.unit, 0)
         t = max(0, min(left, int(ties[i])))
         used[pc.unit] = used.get(pc.unit, 0) + t
         take.append(t)
@@ -169,12 +175,15 @@ def _check_step(rule, scope, sizes, ratio, convention="torch", dtype=torch.float
     ties_ref = REF.tie_counts(chunk, k_ref, t_key)
     assert torch.equal(TRI.tie_counts(chunk, k_tri, t_key), ties_ref)
     take = _take(chunk, ties_ref, want)
+    if ties:  # some piece keeps only part of its ties: resolve_ties has work to do
+        assert bool(((take > 0) & (take < ties_ref)).any())
     REF.resolve_ties(chunk, k_ref, t_key, take)
     TRI.resolve_ties(chunk, k_tri, t_key, take)
     assert torch.equal(k_tri[:n], k_ref[:n]), "resolved keys differ"
     # exactly K selected per unit (the check that the select above is right)
     for u in range(chunk.n_units):
-        sel = sum(int((k_ref[pc.offset: pc.offset + pc.length] >= t_key[u]).sum()) for pc in chunk.pieces if pc.unit == u)
+        sel = sum(int((k_ref[pc.offset: pc.offset + pc.length] >= t_key[u]).sum())
+                  for pc in chunk.pieces if pc.unit == u)
         assert sel == chunk.k[u]
 
     denom = kw.pop("_denom", None)

@@ -28,14 +28,12 @@ Memory traffic per element (fp32 everything, AdamW; Lion one state less):
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from .base import KEY_NAN, radix_widths
-from .torch_ops import TorchOps
+from .torch_ops import TorchOps, step_sizes
 
 Tensor = torch.Tensor
 
@@ -439,7 +437,8 @@ class TritonCUDA(TorchOps):
         b = self._blocks(chunk, dev)
         cnt = torch.zeros(max(b["n"], 1), dtype=torch.int32, device=dev)
         if b["n"]:
-            _tie_count_kernel[(b["n"],)](tab, b["blk"], keys, t_key.to(torch.int32), cnt, SPAN=self.span, BLOCK=self.block)
+            _tie_count_kernel[(b["n"],)](tab, b["blk"], keys, t_key.to(torch.int32), cnt,
+                                         SPAN=self.span, BLOCK=self.block)
         return tab, b, cnt
 
     def tie_counts(self, chunk, keys, t_key):
@@ -472,9 +471,7 @@ class TritonCUDA(TorchOps):
         bc1s = [bufs.bc1[pc.buf] for pc in chunk.pieces]
         bc2s = [bufs.bc2[pc.buf] for pc in chunk.pieces]
         lr = hp["lr"]
-        steps = (lr * (b2 ** 0.5) / b1 for b1, b2 in zip(bc1s, bc2s)) if (
-            hp.get("convention", "torch") == "authors" and hp.get("correct_bias", True) and "exp_avg_sq" in hp.get("state", ())
-        ) else (lr for _ in chunk.pieces)
+        steps = step_sizes(hp, {"bc1": bc1s, "bc2": bc2s}, chunk)  # lr_eff per piece, as TorchOps
         bc1 = self._table(*self._scal(bc1s, dev), dev)
         bc2 = self._table(*self._scal(bc2s, dev), dev)
         st = self._scal(list(steps), dev)
