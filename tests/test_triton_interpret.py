@@ -205,7 +205,8 @@ def test_step_matches_torch_ops(rule, scope, sizes, ratio):
 
 @pytest.mark.parametrize("rule", ["adamw", "lion"])
 def test_ties_zeros_authors_maximize(rule):
-    _check_step(rule, "tensor", [100, 90, 3], 0.4, convention="authors", ties=True, maximize=True)
+    _check_step(rule, "tensor", [100, 90, 3], 0.4, convention="authors", ties=True, maximize=True,
+                lr=3e-3, weight_decay=0.07)
 
 
 @pytest.mark.parametrize("rule", ["adamw", "lion"])
@@ -274,6 +275,24 @@ def test_lr_and_bias_corrections_as_tensors():
     for x, y in zip(b_ref.params, b_tri.params):
         # lr*sqrt(bc2)/bc1 is fp32 tensor math here, python-double math in the reference
         torch.testing.assert_close(x, y, rtol=2e-7, atol=0)
+
+
+def test_tables_cached_per_chunk():
+    """A repeat step reuses the device tables (no new host-to-device copy); a moved buffer
+    gets a new one and the stale one is dropped."""
+    tensors, gen = _tensors([70, 33])
+    chunk = build_plan([whole_layout(t, i) for i, t in enumerate(tensors)], "tensor", 0.5).chunks[0]
+    b = _bufs("adamw", tensors, gen)
+    rule = RULES["adamw"]
+    t1 = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
+    assert TRI._piece_table(rule, chunk, b, torch.device("cpu"), True) is t1
+    t0 = TRI._piece_table(rule, chunk, b, torch.device("cpu"), False)
+    assert TRI._piece_table(rule, chunk, b, torch.device("cpu"), True) is t1  # kinds do not evict each other
+    b.grads[1] = b.grads[1].clone()
+    t2 = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
+    assert t2 is not t1 and int(t2[1, 1]) == b.grads[1].data_ptr()
+    assert sum(1 for k in chunk.cache if isinstance(k, tuple) and k[0] == "triton_tab") == 2
+    assert TRI._piece_table(rule, chunk, b, torch.device("cpu"), False) is t0
 
 
 def test_muon_and_float64_fall_back():

@@ -221,7 +221,7 @@ def _resolve_kernel(tab, blk, keys_ptr, t_ptr, cnt_ptr, base_ptr, take_ptr, SPAN
 
 @triton.jit
 def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, bc1, bc1_s, bc2, bc2_s, step, step_s, lr, lr_s,
-                  b1, one_m_b1, b2, one_m_b2, eps, wd, alpha, gamma, t_const,
+                  b1, one_m_b1, b2, one_m_b2, eps, wd, decay_c, alpha, gamma, t_const,
                   P_T: tl.constexpr, G_T: tl.constexpr, S_T: tl.constexpr,
                   LION: tl.constexpr, AUTHORS: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
                   HAS_DENOM: tl.constexpr, BC_TAB: tl.constexpr, STEP_TAB: tl.constexpr, LR_TAB: tl.constexpr,
@@ -240,8 +240,10 @@ def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, bc1, bc1_s, bc2, bc2_s, 
     c1 = _scalar(bc1, bc1_s, piece, BC_TAB)
     c2 = _scalar(bc2, bc2_s, piece, BC_TAB)
     st = _scalar(step, step_s, piece, STEP_TAB)
-    lr_ = _scalar(lr, lr_s, piece, LR_TAB)
-    decay = 1.0 - lr_ * wd
+    if LR_TAB:  # lr on the device: 1 - lr*wd in fp32, as torch computes it from a tensor lr
+        decay = 1.0 - _scalar(lr, lr_s, piece, LR_TAB) * wd
+    else:  # python lr: 1 - lr*wd in double on the host, rounded once (as torch's scalar)
+        decay = decay_c
     if CAUTIOUS:
         t = t_const
     else:
@@ -338,23 +340,24 @@ class TritonCUDA(TorchOps):
         return hit
 
     def _piece_table(self, rule, chunk, bufs, device, ptrs: bool):
-        """[n_pieces, 7] int64: p, g, state0, state1 addresses, length, scratch offset, unit;
-        cached by the buffers' addresses (a new table only when an allocation moves)."""
+        """[n_pieces, 7] int64: p, g, state0, state1 addresses, length, scratch offset, unit
+        (``ptrs=False``: addresses 0, for the phases that read the scratch only).  Cached in
+        ``chunk.cache`` by the addresses: a new host-to-device copy only when a buffer moves."""
         rows, addr = [], []
         for pc in chunk.pieces:
+            a = [0, 0, 0, 0]
             if ptrs:
-                st = [bufs.states[s][pc.buf] for s in rule.state]
-                a = [bufs.params[pc.buf][pc.start:].data_ptr(), bufs.grads[pc.buf][pc.start:].data_ptr()]
-                a += [x[pc.start:].data_ptr() for x in st] + [0] * (2 - len(st))
-            else:
-                a = [0, 0, 0, 0]
+                ts = [bufs.params[pc.buf], bufs.grads[pc.buf]] + [bufs.states[s][pc.buf] for s in rule.state]
+                for j, t in enumerate(ts):
+                    a[j] = t.data_ptr() + pc.start * t.element_size()
             addr += a
             rows.append(a + [pc.length, pc.offset, pc.unit])
-        key = ("triton_tab", device, tuple(addr))
+        key = ("triton_tab", device, ptrs, tuple(addr))
         hit = chunk.cache.get(key)
         if hit is None:
-            for k in [k for k in chunk.cache if isinstance(k, tuple) and k[:1] == ("triton_tab",)]:
-                del chunk.cache[k]  # one table per chunk: stale addresses are dropped
+            stale = [k for k in chunk.cache if isinstance(k, tuple) and k[:3] == ("triton_tab", device, ptrs)]
+            for k in stale:
+                del chunk.cache[k]  # one table per chunk and kind: a moved buffer's table goes
             hit = torch.tensor(rows, dtype=torch.int64, device=device)
             chunk.cache[key] = hit
         return hit
@@ -399,6 +402,8 @@ class TritonCUDA(TorchOps):
         _, G_T, S_T = self._dtypes(rule, chunk, bufs)
         if t1 != t2:  # one flag for both: make both tables
             (bc1, s1, t1), (bc2, s2, t2) = (self._table(bc1, s1, t1, dev), self._table(bc2, s2, t2, dev))
+        if not b["n"]:
+            return self._reduce(chunk, b, hist)
         _score_kernel[(b["n"],)](
             tab, b["blk"], scratch.view(torch.int32), hist, bc1, s1, bc2, s2,
             G_T=G_T, S_T=S_T, BC_TAB=t1, SPAN=self.span, BLOCK=self.block, NB=nb, **self._consts(rule, hp))
@@ -483,7 +488,8 @@ class TritonCUDA(TorchOps):
             tab, b["blk"], dummy, t_key if t_key is not None else dummy,
             denom.to(torch.float32) if denom is not None else dummy,
             bc1[0], bc1[1], bc2[0], bc2[1], st[0], st[1], lr_[0], lr_[1],
-            wd=wd, alpha=float(hp["alpha"]), gamma=float(hp["gamma"]), t_const=int(t_const),
+            wd=wd, decay_c=0.0 if lr_[2] else 1 - lr * wd,
+            alpha=float(hp["alpha"]), gamma=float(hp["gamma"]), t_const=int(t_const),
             P_T=P_T, G_T=G_T, S_T=S_T, CAUTIOUS=cautious, HAS_DENOM=denom is not None,
             BC_TAB=True, STEP_TAB=st[2], LR_TAB=lr_[2], HAS_WD=wd != 0,
             SPAN=self.span, BLOCK=self.block, **self._consts(rule, hp))
