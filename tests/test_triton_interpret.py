@@ -16,6 +16,8 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from _triton_mode import finish_module  # noqa: E402
+
 from mgup_dist.kernels.base import KEY_NAN, Bufs, radix_widths  # noqa: E402
 from mgup_dist.kernels.torch_ops import TorchOps  # noqa: E402
 from mgup_dist.kernels.triton_cuda import TritonCUDA  # noqa: E402
@@ -302,3 +304,6 @@ def test_muon_and_float64_fall_back():
     assert TRI.cautious(RULES["adamw"], _hp("adamw"), chunk, b, 1) is False
     assert TRI.cautious(RULES["muon"], dict(momentum=0.9, nesterov=True), chunk, b, 1) is False
     assert num_selected(0.3, 30) == 9
+
+
+finish_module(globals(), __file__, want_interpret=True)  # last: see tests/_triton_mode.py

@@ -11,10 +11,13 @@ chunk, else per-piece device tables read by pointer (0-d device tensors: CUDA gr
 
 Math is fp32 (bf16/fp16 params, grads, states are loaded and upcast; stored back rounded
 once), with round-to-nearest division and sqrt (``div_rn``, ``sqrt_rn``), in the operation
-order of ``mgup_dist.rules``, and explicit ``tl.fma`` where torch's kernels fuse one
-(``add_(x, alpha=)`` and ``addcmul_`` compute ``fma(alpha, x, self)`` on CPU and CUDA).  On a
-GPU the compiler may contract further products and sums: scores may then differ from torch's
-by an ulp; the selection on the *same* keys is bitwise.
+order of ``mgup_dist.rules``, explicit ``tl.fma`` where torch's kernels fuse one (``add_(x, alpha=)`` and ``addcmul_``
+compute ``fma(alpha, x, self)`` on CPU and CUDA), and no other contraction
+(``enable_fp_fusion=False`` at the score and apply launches): on CUDA the keys should then equal torch's bit
+for bit (not verified on a GPU yet: ``tests/test_cuda.py``).  On CPU, torch's ``sqrt`` is not
+correctly rounded, so AdamW's keys there differ by a few ulps (the interpreter tests say so);
+the selection on the *same* keys is bitwise everywhere.  All kernels compile for sm_90 with
+Triton 3.9 (checked ahead of time, no GPU) and use only APIs present in Triton 3.6.
 
 Memory traffic per element (fp32 everything, AdamW; Lion one state less):
 
@@ -406,7 +409,8 @@ class TritonCUDA(TorchOps):
             return self._reduce(chunk, b, hist)
         _score_kernel[(b["n"],)](
             tab, b["blk"], scratch.view(torch.int32), hist, bc1, s1, bc2, s2,
-            G_T=G_T, S_T=S_T, BC_TAB=t1, SPAN=self.span, BLOCK=self.block, NB=nb, **self._consts(rule, hp))
+            G_T=G_T, S_T=S_T, BC_TAB=t1, SPAN=self.span, BLOCK=self.block, NB=nb,
+            enable_fp_fusion=False, **self._consts(rule, hp))
         return self._reduce(chunk, b, hist)
 
     @staticmethod
@@ -492,7 +496,7 @@ class TritonCUDA(TorchOps):
             alpha=float(hp["alpha"]), gamma=float(hp["gamma"]), t_const=int(t_const),
             P_T=P_T, G_T=G_T, S_T=S_T, CAUTIOUS=cautious, HAS_DENOM=denom is not None,
             BC_TAB=True, STEP_TAB=st[2], LR_TAB=lr_[2], HAS_WD=wd != 0,
-            SPAN=self.span, BLOCK=self.block, **self._consts(rule, hp))
+            SPAN=self.span, BLOCK=self.block, enable_fp_fusion=False, **self._consts(rule, hp))
 
     def apply(self, rule, hp, chunk, bufs, scratch, t_key, denom):
         if not self._ours(rule, chunk, bufs) or scratch.dtype != torch.float32:
