@@ -6,7 +6,9 @@ Exactness: Lion is bitwise equal to TorchOps (keys, states, params).  AdamW's st
 bitwise equal; its keys agree within 4 ulps and its params within 4 ulps (``_close``), because
 torch's CPU ``sqrt`` is not correctly rounded (about 1 in 5 fp32 results differ by 1 ulp from
 the exact sqrt, which the kernel's ``sqrt_rn`` and torch on CUDA give).  The selection
-primitives are then fed the SAME keys and must agree bit for bit."""
+primitives are then fed the SAME keys and must agree bit for bit.  float16 params: torch on
+CPU rounds the decay factor 1 - lr*wd to float16 before multiplying (not bfloat16, not CUDA's
+foreach, which use it in fp32 as the kernel does): params within 4 float16 ulps."""
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -130,7 +132,7 @@ def _keys_close(rule, a, b):
 
 def _params_close(rule, ref, tri):
     for x, y in zip(ref, tri):
-        if rule == "lion":
+        if rule == "lion" and x.dtype != torch.float16:
             assert torch.equal(x, y), (x - y).abs().max()
         else:
             eps = torch.finfo(x.dtype).eps
@@ -217,9 +219,10 @@ def test_padding_pieces(rule):
     assert any(pc.unit < 0 for pc in chunk.pieces)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rule", ["adamw", "lion"])
-def test_bf16_params(rule):
-    _check_step(rule, "tensor", [77, 129], 0.3, dtype=torch.bfloat16)
+def test_half_params(rule, dtype):
+    _check_step(rule, "tensor", [77, 129], 0.3, dtype=dtype)
 
 
 def test_nan_keys_and_denominator():

@@ -22,7 +22,8 @@ Triton 3.9 (checked ahead of time, no GPU) and use only APIs present in Triton 3
 Memory traffic per element (fp32 everything, AdamW; Lion one state less):
 
     score        read g, m, v; write m, v, key                    24 B
-                 (+ one 4096-bin histogram per program of span elements)
+                 (+ one 4096-bin int32 histogram per program of span elements:
+                 16 KiB per 16K elements, 1/4 B per element, reduced per unit)
     histogram    read key                                           4 B
     tie_counts   read key                                           4 B  (resolve_ties: +4+4 B,
                                                                          only blocks with ties)
@@ -422,9 +423,10 @@ class TritonCUDA(TorchOps):
     @staticmethod
     def _reduce(chunk, b, hist):
         """Per-program histograms -> per unit (padding programs land in the dropped row)."""
-        out = torch.zeros(chunk.n_units + 1, hist.shape[1], dtype=torch.int64, device=hist.device)
-        out.index_add_(0, b["unit"][: b["n"]], hist.to(torch.int64))
-        return out[: chunk.n_units]
+        # int32 sums (a chunk holds < 2**31 elements): no int64 copy of the per-program rows
+        out = torch.zeros(chunk.n_units + 1, hist.shape[1], dtype=torch.int32, device=hist.device)
+        out.index_add_(0, b["unit"][: b["n"]], hist)
+        return out[: chunk.n_units].to(torch.int64)
 
     # -- phase 2 ----------------------------------------------------------------------------
     def histogram(self, chunk, keys, prefix, p):
