@@ -9,21 +9,23 @@ repeat step or a CUDA-graph replay needs no host-to-device copy.  Scalars (lr, b
 corrections, step sizes) are kernel arguments when they are python floats equal over the
 chunk, else per-piece device tables read by pointer (0-d device tensors: CUDA graphs).
 
-Math is fp32 (bf16/fp16 params, grads, states are loaded and upcast; stored back rounded
-once), with round-to-nearest division and sqrt (``div_rn``, ``sqrt_rn``), in the operation
-order of ``mgup_dist.rules``, explicit ``tl.fma`` where torch's kernels fuse one (``add_(x, alpha=)`` and ``addcmul_``
-compute ``fma(alpha, x, self)`` on CPU and CUDA), and no other contraction
-(``enable_fp_fusion=False`` at the score and apply launches): on CUDA the keys should then equal torch's bit
-for bit (not verified on a GPU yet: ``tests/test_cuda.py``).  On CPU, torch's ``sqrt`` is not
-correctly rounded, so AdamW's keys there differ by a few ulps (the interpreter tests say so);
-the selection on the *same* keys is bitwise everywhere.  All kernels compile for sm_90 with
-Triton 3.9 (checked ahead of time, no GPU) and use only APIs present in Triton 3.6.
+Math is fp32 (bf16/fp16 params, grads, states are loaded and upcast), with round-to-nearest
+division and sqrt (``div_rn``, ``sqrt_rn``), in the operation order of ``mgup_dist.rules``,
+explicit ``tl.fma`` where torch's kernels fuse one (``add_(x, alpha=)`` and ``addcmul_``
+compute ``fma(alpha, x, self)`` on CPU and CUDA) and no other contraction
+(``enable_fp_fusion=False`` at the score and apply launches): on CUDA the keys should equal
+torch's bit for bit (not verified on a GPU yet: ``tests/test_cuda.py``).  On CPU, torch's
+``sqrt`` is not correctly rounded, so AdamW's keys there differ by a few ulps (the interpreter
+tests say so); the selection on the *same* keys is bitwise everywhere.  Half-precision
+*states* are rounded once per update here, where torch's op-by-op path rounds after every op.
+All kernels compile for sm_90 with Triton 3.9 (checked ahead of time, no GPU) and use only
+APIs present in Triton 3.6.
 
 Memory traffic per element (fp32 everything, AdamW; Lion one state less):
 
     score        read g, m, v; write m, v, key                    24 B
-                 (+ one 4096-bin int32 histogram per program of span elements:
-                 16 KiB per 16K elements, 1/4 B per element, reduced per unit)
+                 (+ one 4096-bin int32 histogram per program of ``span`` elements:
+                 16 KiB per 16K elements = 1 B per element, transient, reduced per unit)
     histogram    read key                                           4 B
     tie_counts   read key                                           4 B  (resolve_ties: +4+4 B,
                                                                          only blocks with ties)
