@@ -41,7 +41,7 @@ def get_backend(device: torch.device, *, foreach: bool = True, compile: bool = F
     if kind == "triton":
         from .triton_cuda import TritonCUDA
 
-        return TritonCUDA(foreach)
+        return TritonCUDA()
     from .torch_ops import TorchOps
 
     return TorchOps(foreach)
