@@ -106,3 +106,25 @@ def fsdp2_memory(rank, world, name, dtype):
         n_local = sum(p.to_local().numel() for p in model.parameters())
         out[which] = state_bytes(opt) / n_local
     return out
+
+
+def zero2_memory(rank, world, opt_type, dtype):
+    """Bytes of the inner optimizer's state per element of this rank's ZeRO-2 partition:
+    MGUP through the config's optimizer.type vs DeepSpeed with torch's AdamW."""
+    import deepspeed
+
+    import _ds_workers as D
+    import mgup_dist.deepspeed  # noqa: F401  registers the MGUP names
+    from mgup_dist.memory import state_bytes
+
+    out = {}
+    for which in ("AdamW", opt_type):
+        params = {"lr": 1e-3, "torch_adam": True} if which == "AdamW" else {"lr": 1e-3}  # torch's AdamW, no extension
+        cfg = D.ds_config(2, dtype=dtype, opt_type=which, opt_params=params, zero_allow_untested_optimizer=True)
+        engine, opt, _, _ = deepspeed.initialize(model=D.make_model(), model_parameters=D.make_model().parameters(),
+                                                 config=cfg)
+        D.train_steps(engine, range(2), rank)
+        inner = opt.optimizer
+        n = sum(p.numel() for g in inner.param_groups for p in g["params"])
+        out[which] = state_bytes(inner) / n
+    return out

@@ -58,3 +58,13 @@ def test_unused_parameter_under_fsdp2_is_skipped(name):
 def test_state_bytes_under_fsdp2_within_one_byte_of_adamw(name, dtype):
     for r in run_distributed(W.fsdp2_memory, 2, name, dtype, timeout=180):
         assert r["mgup"] <= r["adamw"] + 1, r
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["MGUPAdamW", "CMGUPAdamW", "MGUPLion"])
+def test_state_bytes_under_zero2_within_one_byte_of_adamw(name, dtype):
+    """Real DeepSpeed ZeRO-2 (CPU accelerator, gloo): the state of the inner optimizer per
+    element of the rank's fp32 partition, MGUP vs DeepSpeed with torch's AdamW."""
+    for r in run_distributed(W.zero2_memory, 2, name, dtype, timeout=280):
+        assert r[name] <= r["AdamW"] + 1, r
