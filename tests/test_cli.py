@@ -150,3 +150,14 @@ def test_train_honours_what_the_flags_leave_out(tmp_path):
     assert cfg.precision == "fp32"
     with pytest.raises(ValueError, match="bf16.enabled"):
         parse([*BASE, "--deepspeed-config", path, "--precision", "bf16"], world_size=1)
+
+
+def test_train_exits_0_and_states_the_checkpoint_size(tmp_path):
+    r = cli("train", "--steps", "2", "--global-batch", "2", "--seq-len", "16", "--eval-every", "2",
+            "--eval-tokens", "64", "--log-every", "1", "--no-progress", "--no-plots", "--no-tensorboard", "--optimizer", "adamw",
+            "--out-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    n_params = json.loads((tmp_path / "run" / "summary.json").read_text())["n_params"]
+    # fp32 weights + AdamW's two moments, announced before the first step
+    assert f"checkpoints: about {n_params * 12 / 1e9:.3g} GB each" in r.stdout, r.stdout[-2000:]
+    assert r.stdout.index("checkpoints: about") < r.stdout.index("step 1/")
