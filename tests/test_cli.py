@@ -161,3 +161,21 @@ def test_train_exits_0_and_states_the_checkpoint_size(tmp_path):
     # fp32 weights + AdamW's two moments, announced before the first step
     assert f"checkpoints: about {n_params * 12 / 1e9:.3g} GB each" in r.stdout, r.stdout[-2000:]
     assert r.stdout.index("checkpoints: about") < r.stdout.index("step 1/")
+
+
+@pytest.mark.timeout(300)
+def test_two_process_run_after_single_process_run_of_same_name_is_refused_clearly(tmp_path):
+    from dist_utils import free_port
+
+    args = ["--steps", "2", "--global-batch", "4", "--seq-len", "16", "--eval-every", "2", "--eval-tokens", "64",
+            "--no-progress", "--no-plots", "--no-tensorboard"]
+    assert cli("train", *args, cwd=tmp_path).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(free_port()), "-m", "mgup_dist.train", *args],
+                       capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=280)
+    assert r.returncode != 0
+    # the reason, one line per rank, comes before torchrun's own traceback and summary
+    at = r.stderr.find("mgup-dist train: error: resume:")
+    assert 0 <= at < r.stderr.find("Traceback"), r.stderr[-3000:]
+    assert "--name" in r.stderr[at:].splitlines()[0]
+    assert "IndexError" not in r.stderr

@@ -189,6 +189,12 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
                 f"resume: {resume_path!r} was written by a different run configuration "
                 f"(now vs checkpoint: {mismatch}); pass --resume never to start over, or choose another --name"
             )
+        if len(resume_state["per_rank"]) != world:
+            # each rank's data position and RNG state are saved per rank: no mapping to another world size
+            raise ValueError(
+                f"resume: {resume_path!r} was written by {len(resume_state['per_rank'])} process(es), this run has "
+                f"{world}; the default run name does not hold the world size: pass --name for a new run, or "
+                f"--resume never to start this one over")
         if resume_state["world_size"] != world and cfg.dataset == "c4":
             raise ValueError(f"resume: checkpoint world size {resume_state['world_size']} != {world} (C4 stream)")
         if resume_state["world_size"] != world and cfg.engine == "deepspeed":
