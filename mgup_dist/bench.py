@@ -47,7 +47,8 @@ class LlamaConfig:
 MODELS: Dict[str, LlamaConfig] = {
     "llama130m": LlamaConfig(hidden=768, intermediate=2048, layers=12, heads=12, vocab=32000),
     "llama60m": LlamaConfig(hidden=512, intermediate=1376, layers=8, heads=8, vocab=32000),
-    "tiny": LlamaConfig(hidden=64, intermediate=176, layers=2, heads=4, vocab=512),
+    # the trainer's tiny model (configs/models/llama_tiny.json; tests/test_cli.py keeps them equal)
+    "tiny": LlamaConfig(hidden=128, intermediate=352, layers=4, heads=4, vocab=259),
 }
 
 

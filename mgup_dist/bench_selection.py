@@ -142,7 +142,7 @@ def format_table(rows) -> str:
 
 
 def _parse(argv: Optional[Sequence[str]]):
-    ap = argparse.ArgumentParser(prog="python -m mgup_dist.bench_selection", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="mgup-dist bench-selection", description=__doc__.split("\n\n")[0])
     ap.add_argument("--worlds", default="2,4", help="comma-separated world sizes (default 2,4)")
     ap.add_argument("--scopes", default="tensor,shard,global,cautious",
                     help=f"comma-separated rows among {','.join(SCOPE_ROWS)} (default tensor,shard,global,cautious)")

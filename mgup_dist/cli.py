@@ -22,7 +22,8 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: mgup-dist COMMAND [ARGS]", "", "commands:"]
+    lines = ["usage: mgup-dist [--version] COMMAND [ARGS]  (mgup-dist COMMAND --help for its options)", "",
+             "commands:"]
     lines += [f"  {name:<16} {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -32,13 +33,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from mgup_dist import __version__
+
+        print(f"mgup-dist {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"mgup-dist: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    result = module.main(rest)
-    return int(result or 0)
+    # Subcommands return an exit code (train, plot) or their results (bench: rows,
+    # counterexample: trajectories, for callers in Python); only an int is an exit code.
+    try:
+        result = module.main(rest)
+    except ValueError as e:  # bad user input: one clear line, no traceback
+        print(f"mgup-dist {name}: error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 if __name__ == "__main__":

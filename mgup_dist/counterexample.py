@@ -160,17 +160,18 @@ def plot(trajectories: Dict[str, List[float]], out: str, tau: float, title: str)
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[float]]:
     p = argparse.ArgumentParser(
-        prog="python -m mgup_dist.counterexample",
+        prog="mgup-dist counterexample",
         description="Zhang et al.'s 1-D counterexample: Cautious-Adam (gamma=0) vs MGUP-Adam (gamma>0).",
     )
     p.add_argument("--n", type=int, default=DEFAULTS["n"], help="number of summands (default %(default)s)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--beta1", type=float, default=DEFAULTS["beta1"])
-    p.add_argument("--beta2", type=float, default=DEFAULTS["beta2"])
-    p.add_argument("--eps", type=float, default=DEFAULTS["eps"])
-    p.add_argument("--tau", type=float, default=DEFAULTS["tau"], help="MGUP: alpha = 1/tau, gamma = tau")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimizer steps (default %(default)s)")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate (default %(default)s)")
+    p.add_argument("--beta1", type=float, default=DEFAULTS["beta1"], help="Adam beta1 (default %(default)s)")
+    p.add_argument("--beta2", type=float, default=DEFAULTS["beta2"], help="Adam beta2 (default %(default)s)")
+    p.add_argument("--eps", type=float, default=DEFAULTS["eps"], help="Adam eps (default %(default)s)")
+    p.add_argument("--tau", type=float, default=DEFAULTS["tau"],
+                   help="MGUP: alpha = 1/tau, gamma = tau (default %(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="which summand each step samples (default %(default)s)")
     p.add_argument("--impl", choices=("optim", "reference"), default="optim",
                    help="mgup_dist's optimizer classes (default) or mgup_dist.reference")
     p.add_argument("--out", default="counterexample.png", help="PNG figure path ('' to skip)")

@@ -46,34 +46,46 @@ BUILTIN_MODELS: Dict[str, Dict] = {
 }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" once: not when the help already states its default, not for None/False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mgup-dist train",
         description="Train a LLaMA causal LM with AdamW or the MGUP optimizer family on DDP, FSDP2 or DeepSpeed. "
                     "With no arguments: the tiny model on text shipped with Python, on this machine's device.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     a = p.add_argument
     a("--config", default=None, help="YAML or JSON file of defaults (keys = flag names); flags override it")
     g = p.add_argument_group("run")
     g.add_argument("--name", default=None, help="run name (default: <model>-<optimizer>-<engine>)")
     g.add_argument("--out-dir", default=None, help="output directory (default: runs/<name>)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of model init, data order and dropout")
     g.add_argument("--resume", nargs="?", const="latest", default="auto",
                    help="'auto': continue from the latest checkpoint of this run when one exists (what a torchrun "
                         "restart needs); '--resume' alone / 'latest': require one; 'never': start over (deletes "
                         "old checkpoints); or a checkpoint directory")
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N optimizer steps (0: only at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many newest checkpoints to keep")
+    g.add_argument("--log-every", type=int, default=10, help="log train loss / lr / tokens per s every N steps")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (a log line every --log-every steps)")
-    g.add_argument("--no-plots", action="store_true")
-    g.add_argument("--no-tensorboard", action="store_true")
+    g.add_argument("--no-plots", action="store_true", help="write no PNG plots at the end")
+    g.add_argument("--no-tensorboard", action="store_true", help="write no tensorboard events")
     m = p.add_argument_group("model and data")
     m.add_argument("--model", default="tiny", help="'tiny', '130m' (configs/models/llama_<name>.json) or a JSON path")
     m.add_argument("--vocab-size", default=None,
                    help="override the model's vocab size; 'auto' = the tokenizer's size")
-    m.add_argument("--dataset", default="embedded", choices=("embedded", "c4"))
+    m.add_argument("--dataset", default="embedded", choices=("embedded", "c4"),
+                   help="embedded: Python's own docs, offline; c4: allenai/c4 (see --data-path)")
     m.add_argument("--data-path", default=None,
                    help="directory of C4 shards c4-train.*.json.gz and c4-validation.*.json.gz (implies --dataset c4); "
                         "without it --dataset c4 streams allenai/c4 'en' from the hub (needs `datasets`)")
@@ -83,10 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--packing", default=None, choices=("pack", "pad"),
                    help="C4 samples: 'pad' = one document per sample truncated/padded (GaLore); 'pack' = documents "
                         "joined and cut (default: pad for c4)")
-    m.add_argument("--seq-len", type=int, default=128)
+    m.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     o = p.add_argument_group("optimization")
     o.add_argument("--optimizer", default="mgup_adamw", help=f"one of {', '.join(OPTIMIZER_NAMES)}")
-    o.add_argument("--lr", type=float, default=3e-3)
+    o.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (after warmup)")
     o.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     o.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
     o.add_argument("--steps", type=int, default=600, help="optimizer steps")
@@ -94,15 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--micro-batch", type=int, default=None,
                    help="sequences per forward on one rank (default: global batch / world size, no accumulation)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled; applied to matrices only")
-    o.add_argument("--beta1", type=float, default=None)
-    o.add_argument("--beta2", type=float, default=None)
-    o.add_argument("--eps", type=float, default=1e-8)
+    o.add_argument("--beta1", type=float, default=None, help="beta1 (default: 0.9)")
+    o.add_argument("--beta2", type=float, default=None, help="beta2 (default: 0.999 AdamW, 0.99 Lion, 0.95 Muon)")
+    o.add_argument("--eps", type=float, default=1e-8, help="Adam eps, added to sqrt(v_hat)")
     o.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
     o.add_argument("--max-skipped-steps", type=int, default=10,
                    help="stop with an error after this many consecutive steps skipped for a non-finite gradient norm")
     o.add_argument("--mask-ratio", type=float, default=None, help="MGUP: fraction of coordinates scaled by alpha")
-    o.add_argument("--alpha", type=float, default=None)
-    o.add_argument("--gamma", type=float, default=None)
+    o.add_argument("--alpha", type=float, default=None, help="MGUP: scale of the selected coordinates (default 2)")
+    o.add_argument("--gamma", type=float, default=None, help="MGUP: scale of the others (default 0.5)")
     o.add_argument("--tau", type=float, default=None, help="MGUP shorthand: alpha = 1/tau, gamma = tau")
     o.add_argument("--scope", default=None, help="MGUP selection scope: tensor | shard | global | global_approx")
     o.add_argument("--muon-lr", type=float, default=None, help="mgup_muon: lr of the matrices (default 2e-2)")
@@ -118,9 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     # (LOCAL_RANK from the environment is what counts).
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ev = p.add_argument_group("evaluation")
-    ev.add_argument("--eval-every", type=int, default=100)
+    ev.add_argument("--eval-every", type=int, default=100, help="validation every N optimizer steps")
     ev.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per evaluation (all ranks)")
-    ev.add_argument("--eval-micro-batch", type=int, default=None)
+    ev.add_argument("--eval-micro-batch", type=int, default=None, help="validation sequences per forward (default: --micro-batch)")
     return p
 
 
@@ -288,6 +300,10 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
         bad("resume", f"'auto', 'latest', 'never' or an existing checkpoint directory; got {cfg.resume!r}")
     from mgup_dist.device import resolve_device
     cfg.device_obj = resolve_device(cfg.device)   # ValueError for unknown / unavailable kinds
+    if cfg.engine == "deepspeed":
+        from .dsconfig import check_deepspeed_file
+
+        check_deepspeed_file(cfg)   # a user's file: conflicts with the flags are refused by name
     if cfg.name is None:
         model_tag = cfg.model if cfg.model in BUILTIN_MODELS else pathlib.Path(cfg.model).stem
         cfg.name = f"{model_tag}-{cfg.optimizer}-{cfg.engine}"

@@ -319,6 +319,12 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
                 f"resume: {resume_path!r} was written by a different run configuration "
                 f"(now vs checkpoint: {mismatch}); pass --resume never to start over, or choose another --name"
             )
+        if len(resume_state["per_rank"]) != world:
+            # each rank's data position and RNG state are saved per rank: no mapping to another world size
+            raise ValueError(
+                f"resume: {resume_path!r} was written by {len(resume_state['per_rank'])} process(es), this run has "
+                f"{world}; the default run name does not hold the world size: pass --name for a new run, or "
+                f"--resume never to start this one over")
         if resume_state["world_size"] != world and cfg.dataset == "c4":
             raise ValueError(f"resume: checkpoint world size {resume_state['world_size']} != {world} (C4 stream)")
         if resume_state["world_size"] != world and cfg.engine == "deepspeed":
@@ -383,6 +389,13 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
               f"{cfg.engine}, device {device} x {world}, {'bf16' if cfg.bf16 else 'fp32'}, global batch "
               f"{cfg.global_batch} = {cfg.micro_batch} x {world} x {cfg.grad_accum} accum, seq {cfg.seq_len}; "
               f"{data.description}" + (f"; resumed at step {start_step}" if start_step else ""), flush=True)
+        # A checkpoint holds fp32 weights plus the optimizer state: 2 moments (AdamW family) or 1
+        # (Lion; Muon's matrices) -> about 4 * (1 + moments) bytes a parameter (130M: ~1.6 GB).
+        moments = 1 if cfg.optimizer in ("mgup_lion", "mgup_muon") else 2
+        size_gb = n_params * 4 * (1 + moments) / 1e9
+        print(f"[mgup-dist train] checkpoints: about {size_gb:.3g} GB each in {ckpt_root}, every "
+              f"{cfg.save_every or cfg.steps} steps, newest {cfg.keep_checkpoints} kept "
+              f"(--save-every, --keep-checkpoints)", flush=True)
 
     fault = os.environ.get(FAULT_ENV)
     fault_rank = fault_step = fault_marker = None
