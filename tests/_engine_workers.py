@@ -121,8 +121,8 @@ def zero2_memory(rank, world, opt_type, dtype):
     for which in ("AdamW", opt_type):
         params = {"lr": 1e-3, "torch_adam": True} if which == "AdamW" else {"lr": 1e-3}  # torch's AdamW, no extension
         cfg = D.ds_config(2, dtype=dtype, opt_type=which, opt_params=params, zero_allow_untested_optimizer=True)
-        engine, opt, _, _ = deepspeed.initialize(model=D.make_model(), model_parameters=D.make_model().parameters(),
-                                                 config=cfg)
+        model = D.make_model()
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         D.train_steps(engine, range(2), rank)
         inner = opt.optimizer
         n = sum(p.numel() for g in inner.param_groups for p in g["params"])
