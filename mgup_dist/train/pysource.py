@@ -36,6 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .data import IndexedWindows, eval_windows
+
 __all__ = ["VAL_FRACTION", "default_roots", "parse_roots", "list_files", "build_corpus", "PySourceWindows",
            "build_pysource"]
 
@@ -81,8 +83,8 @@ def _hash_unit(tag: str, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{tag}:{key}".encode("utf-8", "surrogateescape")).digest()[:8], "big")
 
 
-def is_validation(key: str) -> bool:
-    return _hash_unit("pysource-split", key) < VAL_FRACTION * 2.0 ** 64
+def is_validation(key: str, val_fraction: float = VAL_FRACTION) -> bool:
+    return _hash_unit("pysource-split", key) < val_fraction * 2.0 ** 64
 
 
 def list_files(roots: Sequence[str]) -> List[Tuple[str, int, str]]:
@@ -107,12 +109,15 @@ def list_files(roots: Sequence[str]) -> List[Tuple[str, int, str]]:
     return [(key, ri, path) for _, key, ri, path in found]
 
 
-def build_corpus(roots: Sequence[str], max_bytes: Optional[int] = None) -> Dict:
+def build_corpus(roots: Sequence[str], max_bytes: Optional[int] = None, val_fraction: float = VAL_FRACTION) -> Dict:
     """Read, deduplicate and split.  Returns ``{"train": int16 tensor, "val": int16 tensor,
-    "stats": {...}}``.  ``max_bytes`` caps the source bytes taken into each split (files
-    whole, in the corpus order; the file that crosses the cap is the last one taken)."""
+    "files": [(root index, key, split)] of the files kept, in stream order, "stats": {...}}``.
+    ``max_bytes`` caps the source bytes taken into each split (files whole, in the corpus
+    order; the file that crosses the cap is the last one taken)."""
     if max_bytes is not None and max_bytes <= 0:
         raise ValueError(f"pysource_max_bytes: must be positive, got {max_bytes}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction: must be in (0, 1), got {val_fraction}")
     files = list_files(roots)
     if not files:
         raise ValueError(f"pysource_roots: no *.py files under {list(roots)}")
@@ -121,9 +126,10 @@ def build_corpus(roots: Sequence[str], max_bytes: Optional[int] = None) -> Dict:
     nbytes = {"train": 0, "val": 0}
     nfiles = {"train": 0, "val": 0}
     dups = 0
+    kept: List[Tuple[int, str, str]] = []
     eos = np.array([_EOS], dtype=np.int16)
-    for key, _, path in files:
-        split = "val" if is_validation(key) else "train"
+    for key, ri, path in files:
+        split = "val" if is_validation(key, val_fraction) else "train"
         if max_bytes is not None and nbytes[split] >= max_bytes:
             if all(max_bytes is not None and nbytes[s] >= max_bytes for s in nbytes):
                 break
@@ -142,44 +148,33 @@ def build_corpus(roots: Sequence[str], max_bytes: Optional[int] = None) -> Dict:
         parts[split].append(eos)
         nbytes[split] += len(data)
         nfiles[split] += 1
+        kept.append((ri, key, split))
     out = {}
     for split in ("train", "val"):
         if not parts[split]:
             raise ValueError(f"pysource_roots: the {split} split is empty ({nfiles['train']} train / "
                              f"{nfiles['val']} validation files); give more files")
         out[split] = torch.from_numpy(np.concatenate(parts[split]))
+    out["files"] = kept
     out["stats"] = {"roots": list(roots), "files_seen": len(files), "duplicates_dropped": dups,
                     "train_files": nfiles["train"], "val_files": nfiles["val"],
                     "train_tokens": int(out["train"].numel()), "val_tokens": int(out["val"].numel())}
     return out
 
 
-def _indexed_windows_cls():
-    from .data import IndexedWindows
+class PySourceWindows(IndexedWindows):
+    """IndexedWindows over the int16 stream, handing out int64 ids."""
 
-    class PySourceWindows(IndexedWindows):
-        """IndexedWindows over the int16 stream, handing out int64 ids."""
-
-        def next_micro(self) -> torch.Tensor:
-            return super().next_micro().long()
-
-    return PySourceWindows
-
-
-def __getattr__(name):   # PySourceWindows without a circular import at module load
-    if name == "PySourceWindows":
-        return _indexed_windows_cls()
-    raise AttributeError(name)
+    def next_micro(self) -> torch.Tensor:
+        return super().next_micro().long()
 
 
 def build_pysource(cfg, rank: int, world_size: int, max_eval: int):
     """``(train IndexedWindows, val LongTensor, description)`` for ``--dataset pysource``."""
-    from .data import eval_windows
-
     roots = parse_roots(getattr(cfg, "pysource_roots", None))
     corpus = build_corpus(roots, getattr(cfg, "pysource_max_bytes", None))
     s = corpus["stats"]
-    train = _indexed_windows_cls()(corpus["train"], cfg.seq_len, cfg.global_batch, cfg.micro_batch, rank,
+    train = PySourceWindows(corpus["train"], cfg.seq_len, cfg.global_batch, cfg.micro_batch, rank,
                                    world_size, seed=cfg.seed)
     val = eval_windows(corpus["val"], cfg.seq_len, max_eval, rank, world_size).long()
     desc = (f"pysource: {s['train_files']} train / {s['val_files']} val files ({s['duplicates_dropped']} exact "
