@@ -99,6 +99,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in paths:
         print(path)
     runs = [load_run(d) for d in args.runs]
+    for r, label in zip(runs, _labels(runs)):
+        tl = r["train"][-1]["loss"] if r["train"] else float("nan")
+        vl = r["val"][-1]["val_loss"] if r["val"] else float("nan")
+        print(f"{label:32s} final train loss {tl:.4f}  final val loss {vl:.4f}")
     print(summary_table(runs))
     return 0
 
