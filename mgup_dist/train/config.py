@@ -84,8 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default="tiny", help="'tiny', '130m' (configs/models/llama_<name>.json) or a JSON path")
     m.add_argument("--vocab-size", default=None,
                    help="override the model's vocab size; 'auto' = the tokenizer's size")
-    m.add_argument("--dataset", default="embedded", choices=("embedded", "c4"),
-                   help="embedded: Python's own docs, offline; c4: allenai/c4 (see --data-path)")
+    m.add_argument("--dataset", default="embedded", choices=("embedded", "c4", "pysource"),
+                   help="embedded: Python's own docs, offline; c4: allenai/c4 (see --data-path); "
+                        "pysource: the *.py files installed here (mgup_dist/train/pysource.py), byte tokens")
+    m.add_argument("--pysource-roots", default=None,
+                   help="pysource: directories to read, separated by ',' or os.pathsep (default: stdlib + site-packages)")
+    m.add_argument("--pysource-max-bytes", type=int, default=None,
+                   help="pysource: cap on the source bytes read into each split (default: all)")
     m.add_argument("--data-path", default=None,
                    help="directory of C4 shards c4-train.*.json.gz and c4-validation.*.json.gz (implies --dataset c4); "
                         "without it --dataset c4 streams allenai/c4 'en' from the hub (needs `datasets`)")
@@ -236,8 +241,15 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
         for split in ("train", "validation"):
             for f in c4_local_files(cfg.data_path, split):
                 check_first_record(f)
+    if cfg.dataset == "pysource":
+        if cfg.tokenizer not in (None, "byte"):
+            bad("tokenizer", f"--dataset pysource uses the byte tokenizer, got {cfg.tokenizer!r}")
+        from .pysource import parse_roots
+        parse_roots(cfg.pysource_roots)
+        if cfg.pysource_max_bytes is not None and cfg.pysource_max_bytes <= 0:
+            bad("pysource_max_bytes", f"must be positive, got {cfg.pysource_max_bytes}")
     if cfg.tokenizer is None:
-        cfg.tokenizer = "byte" if cfg.dataset == "embedded" else "t5-base"
+        cfg.tokenizer = "byte" if cfg.dataset in ("embedded", "pysource") else "t5-base"
     if cfg.packing is None:
         cfg.packing = "pad" if cfg.dataset == "c4" else "pack"
     for name in ("steps", "global_batch", "seq_len", "eval_every", "log_every", "eval_tokens"):
@@ -330,7 +342,7 @@ def _check_out_dir(out_dir: str) -> None:
 # What must match for an automatic resume to be the same run.
 _FINGERPRINT_KEYS = ("model", "optimizer", "engine", "steps", "global_batch", "seq_len", "lr", "dataset",
                      "tokenizer", "seed", "min_lr_ratio", "warmup_steps", "weight_decay", "mask_ratio", "alpha",
-                     "gamma", "tau", "scope", "vocab_size", "packing")
+                     "gamma", "tau", "scope", "vocab_size", "packing", "pysource_roots", "pysource_max_bytes")
 
 
 def fingerprint(cfg) -> Dict:

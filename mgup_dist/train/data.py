@@ -434,6 +434,11 @@ def build_datasets(cfg, rank: int, world_size: int) -> Datasets:
     """From the parsed config: the train source and this rank's validation samples."""
     tok = load_tokenizer(cfg.tokenizer)
     max_eval = max(world_size, cfg.eval_tokens // cfg.seq_len)
+    if cfg.dataset == "pysource":   # installed Python source, byte tokens (mgup_dist/train/pysource.py)
+        from .pysource import build_pysource
+
+        train, val, desc = build_pysource(cfg, rank, world_size, max_eval)
+        return Datasets(train, val, tok, desc)
     if cfg.dataset == "embedded":
         data = torch.tensor(list(embedded_text().encode("utf-8")), dtype=torch.long) if tok.name == "byte" else \
             torch.tensor([i for d in tok.encode_batch(embedded_text().split("\n\n")) for i in d], dtype=torch.long)

@@ -1,4 +1,6 @@
-"""PNG plots of one or several runs: LR schedule, training loss, validation loss.
+"""PNG plots of one or several runs: LR schedule, training loss, validation loss against
+optimizer steps, and validation loss against training wall-clock seconds (``train_s`` of
+the metrics: time in training steps, evaluation and checkpoints excluded).
 
 ``mgup-dist plot runs/a runs/b ... --out DIR`` overlays runs, one curve per run,
 labelled by optimizer (plus the run name when two runs share an optimizer).
@@ -7,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["load_run", "plot_runs", "main"]
+__all__ = ["load_run", "plot_runs", "summary_table", "main"]
 
 
 def load_run(run_dir: str) -> Dict:
@@ -24,13 +27,16 @@ def load_run(run_dir: str) -> Dict:
                 continue
             r = json.loads(line)
             (val if "val_loss" in r else train)[r["step"]] = r   # later records win (resumed runs)
-    cfg = {}
+    cfg, summary = {}, {}
     if os.path.isfile(os.path.join(run_dir, "config.json")):
         with open(os.path.join(run_dir, "config.json")) as f:
             cfg = json.load(f)
-    return {"dir": run_dir, "name": cfg.get("name", os.path.basename(os.path.normpath(run_dir))),
-            "optimizer": cfg.get("optimizer", "?"), "train": [train[k] for k in sorted(train)],
-            "val": [val[k] for k in sorted(val)]}
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    return {"dir": run_dir, "name": cfg.get("name", summary.get("name", os.path.basename(os.path.normpath(run_dir)))),
+            "optimizer": cfg.get("optimizer", summary.get("optimizer", "?")), "train": [train[k] for k in sorted(train)],
+            "val": [val[k] for k in sorted(val)], "summary": summary}
 
 
 def _labels(runs: List[Dict]) -> List[str]:
@@ -39,7 +45,9 @@ def _labels(runs: List[Dict]) -> List[str]:
 
 
 def plot_runs(run_dirs: Sequence[str], out_dir: str, title: Optional[str] = None) -> List[str]:
-    """Write lr.png, train_loss.png, val_loss.png into ``out_dir``; returns their paths."""
+    """Write lr.png, train_loss.png, val_loss.png (against steps) and, when the metrics
+    carry ``train_s``, val_loss_time.png (against training seconds) into ``out_dir``;
+    returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,18 +56,22 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str, title: Optional[str] = None
     runs = [load_run(d) for d in run_dirs]
     labels = _labels(runs)
     os.makedirs(out_dir, exist_ok=True)
-    figs = [("lr.png", "learning rate", "train", "lr", False),
-            ("train_loss.png", "training loss", "train", "loss", False),
-            ("val_loss.png", "validation loss", "val", "val_loss", False)]
+    # (file, y label, records, y key, x key, x label)
+    figs = [("lr.png", "learning rate", "train", "lr", "step", "optimizer step"),
+            ("train_loss.png", "training loss", "train", "loss", "step", "optimizer step"),
+            ("val_loss.png", "validation loss", "val", "val_loss", "step", "optimizer step")]
+    if any("train_s" in r for run in runs for r in run["val"]):
+        figs.append(("val_loss_time.png", "validation loss", "val", "val_loss", "train_s",
+                     "training wall-clock seconds (evaluation excluded)"))
     written = []
-    for fname, ylabel, kind, key, logy in figs:
+    for fname, ylabel, kind, key, xkey, xlabel in figs:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for run, label in zip(runs, labels):
-            pts = [(r["step"], r[key]) for r in run[kind] if key in r]
+            pts = [(r[xkey], r[key]) for r in run[kind] if key in r and xkey in r]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=label, marker="o" if kind == "val" and len(xs) < 30 else None, markersize=3)
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if title or len(runs) == 1:
             ax.set_title(title or runs[0]["name"])
@@ -77,7 +89,7 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str, title: Optional[str] = None
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="mgup-dist plot", description="Overlay the curves of several training runs.")
     p.add_argument("runs", nargs="+", help="run directories written by `mgup-dist train`")
-    p.add_argument("--out", default="plots", help="directory for lr.png, train_loss.png, val_loss.png")
+    p.add_argument("--out", default="plots", help="directory for lr.png, train_loss.png, val_loss.png, val_loss_time.png")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
     try:
@@ -91,4 +103,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tl = r["train"][-1]["loss"] if r["train"] else float("nan")
         vl = r["val"][-1]["val_loss"] if r["val"] else float("nan")
         print(f"{label:32s} final train loss {tl:.4f}  final val loss {vl:.4f}")
+    print(summary_table(runs))
     return 0
+
+
+def summary_table(runs: List[Dict]) -> str:
+    """A Markdown table of the final figures: train loss (last log record), val loss and
+    perplexity (last evaluation), mean tokens/s and mean optimizer ms per step (summary.json,
+    falling back to the mean over the log records)."""
+    rows = ["| optimizer | final train loss | final val loss (ppl) | tokens/s | optimizer ms/step |",
+            "|---|---:|---:|---:|---:|"]
+    for r, label in zip(runs, _labels(runs)):
+        tl = r["train"][-1]["loss"] if r["train"] else float("nan")
+        vl = r["val"][-1]["val_loss"] if r["val"] else float("nan")
+        ppl = math.exp(min(vl, 50.0)) if vl == vl else float("nan")
+        tps = r["summary"].get("tokens_per_s")
+        if tps is None:
+            xs = [x["tokens_per_s"] for x in r["train"] if "tokens_per_s" in x]
+            tps = sum(xs) / len(xs) if xs else float("nan")
+        oms = r["summary"].get("optimizer_ms")
+        if oms is None:
+            xs = [x["optimizer_ms"] for x in r["train"] if "optimizer_ms" in x]
+            oms = sum(xs) / len(xs) if xs else float("nan")
+        rows.append(f"| {label} | {tl:.4f} | {vl:.4f} ({ppl:.2f}) | {tps:,.0f} | {oms:.1f} |")
+    return "\n".join(rows)

@@ -204,6 +204,45 @@ def _probe_out_dir(out_dir: str, rank: int) -> None:
         raise ValueError(f"out_dir: {out_dir!r} is not a writable directory ({e})") from e
 
 
+class _OptimizerTimer:
+    """Wall-clock of ``optimizer.step()`` alone (no clipping, no scheduler), through
+    torch's step pre/post hooks, the device synchronised on both sides so that
+    asynchronous kernels are counted in the step that launched them.  Engines whose
+    optimizer is not a ``torch.optim.Optimizer`` (DeepSpeed's ZeRO wrappers) are not
+    timed: ``optimizer_ms`` is then absent from the metrics."""
+
+    def __init__(self, engine, device):
+        opt = getattr(engine, "optimizer", None)
+        self.enabled = isinstance(opt, torch.optim.Optimizer)
+        self.device = device
+        self._t0 = 0.0
+        self._sum, self._n = 0.0, 0          # since the last log record
+        self._all_sum, self._all_n = 0.0, 0  # whole run
+        if self.enabled:
+            opt.register_step_pre_hook(self._pre)
+            opt.register_step_post_hook(self._post)
+
+    def _pre(self, *_):
+        dev.synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def _post(self, *_):
+        dev.synchronize(self.device)
+        dt = time.perf_counter() - self._t0
+        self._sum, self._n = self._sum + dt, self._n + 1
+        self._all_sum, self._all_n = self._all_sum + dt, self._all_n + 1
+
+    def take_mean_ms(self) -> Optional[float]:
+        if not self._n:
+            return None
+        out = 1e3 * self._sum / self._n
+        self._sum, self._n = 0.0, 0
+        return out
+
+    def overall_mean_ms(self) -> Optional[float]:
+        return 1e3 * self._all_sum / self._all_n if self._all_n else None
+
+
 def _resolve_resume(cfg, ckpt_root: str, rank: int) -> Optional[str]:
     """The checkpoint to resume from (rank 0 decides).  auto/latest: the newest
     ``step_N`` that verifies against its manifest; newer ones that do not are skipped with
@@ -419,7 +458,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     step = start_step
     if start_step == 0:   # the starting point of the validation curve
         vl0 = _evaluate(engine, data.val, cfg.eval_micro_batch, device)
-        metrics.log({"step": 0, "val_loss": vl0, "val_ppl": math.exp(min(vl0, 50.0))})
+        metrics.log({"step": 0, "val_loss": vl0, "val_ppl": math.exp(min(vl0, 50.0)), "train_s": 0.0})
     loss_acc = torch.zeros((), device=device)
     n_acc = 0
     t_mark = time.perf_counter()
@@ -427,6 +466,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     train_time = 0.0
     last = {"loss": float("nan"), "val_loss": float("nan"), "tokens_per_s": float("nan")}
     tps_hist: List[float] = []
+    opt_timer = _OptimizerTimer(engine, device)
     engine.train(True)
     while step < cfg.steps:
         lr = engine.lr
@@ -464,7 +504,10 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             tps_hist.append(tps)
             loss_v, gn_v = stats.tolist()
             rec = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": gn_v, "tokens": step * tokens_per_step,
-                   "tokens_per_s": tps, "epoch": data.train.epoch, "skipped_steps": skipped_total}
+                   "tokens_per_s": tps, "epoch": data.train.epoch, "skipped_steps": skipped_total, "train_s": train_time}
+            opt_ms = opt_timer.take_mean_ms()
+            if opt_ms is not None:
+                rec["optimizer_ms"] = opt_ms
             metrics.log(rec)
             last.update(loss=loss_v, tokens_per_s=tps)
             if pbar is not None:
@@ -480,7 +523,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
 
         if step % cfg.eval_every == 0 or step == cfg.steps:
             vl = _evaluate(engine, data.val, cfg.eval_micro_batch, device)
-            rec = {"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50.0))}
+            rec = {"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50.0)), "train_s": train_time}
             metrics.log(rec)
             last["val_loss"] = vl
             if pbar is not None:
@@ -509,8 +552,8 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
                "start_step": start_step, "final_loss": last["loss"], "final_val_loss": last["val_loss"],
                "final_val_ppl": math.exp(min(last["val_loss"], 50.0)) if last["val_loss"] == last["val_loss"] else None,
                "tokens_per_s": (sum(tps_hist) / len(tps_hist)) if tps_hist else None,
-               "train_seconds": train_time, "skipped_steps": skipped_total, "world_size": world,
-               "device": str(device), "n_params": n_params,
+               "train_seconds": train_time, "skipped_steps": skipped_total, "optimizer_ms": opt_timer.overall_mean_ms(),
+               "world_size": world, "device": str(device), "n_params": n_params,
                "out_dir": out_dir}
     if is_main:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
