@@ -79,7 +79,7 @@ def run_group(backend, st: GroupStep) -> None:
 
 def _denominator(hp, counts: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """Liang et al.: phi / max(mean(phi), 1e-3), mean over the unit."""
-    n = n.clamp_min(1)
+    n = n.clamp_min(1).to(torch.float64)
     c = counts.to(torch.float64)
     mean = (hp["alpha"] * c + hp["gamma"] * (n - c)) / n
     return mean.clamp_min(1e-3)

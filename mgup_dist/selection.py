@@ -64,7 +64,7 @@ def unit_tables(chunk, device):
             "slot_unit": torch.tensor(list(chunk.slot_unit) + [chunk.n_units], dtype=torch.int64, device=device),
             "first_slot": torch.tensor(first + [chunk.n_slots], dtype=torch.int64, device=device),
             "k": torch.tensor(chunk.k, dtype=torch.int64, device=device),
-            "n": torch.tensor(chunk.n, dtype=torch.float64, device=device),
+            "n": torch.tensor(chunk.n, dtype=torch.int64, device=device),
             "lengths": torch.tensor([p.length for p in chunk.pieces] or [0], dtype=torch.int64, device=device),
         }
         chunk.cache[key] = t
@@ -115,8 +115,8 @@ def threshold(backend, chunk, keys: torch.Tensor, hist0: Optional[torch.Tensor] 
 
 
 def selected_counts(backend, chunk, keys: torch.Tensor, t_key: torch.Tensor, over_ranks: bool):
-    """How many keys of each unit are >= its threshold, and the unit's size (int64 and
-    float64 [n_units]), summed over the ranks of the chunk's group when ``over_ranks``
+    """How many keys of each unit are >= its threshold, and the unit's size (int64
+    [n_units] each: every backend reduces int64), summed over the ranks of the chunk's group when ``over_ranks``
     (units spread over ranks): the normalisation of the cautious rule and of global_approx."""
     dev = keys.device
     counts = torch.zeros(chunk.n_units + 1, dtype=torch.int64, device=dev)
