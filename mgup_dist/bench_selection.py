@@ -99,6 +99,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         n_local = sum(p.to_local().numel() for p in params)
         if rank == 0:
             queue.put((world, sum(int(torch.tensor(s).prod()) for s in shapes), n_local, times))
+        dist.barrier()  # no rank tears the group down while another still reads its last message
     finally:
         dist.destroy_process_group()
 
