@@ -133,7 +133,7 @@ class CPU(TorchOps):
         if not self._fused(rule) or not chunk.pieces:
             return super().apply(rule, hp, chunk, bufs, scratch, t_key, denom)
         keys = scratch.view(torch.int64 if scratch.dtype == torch.float64 else torch.int32)
-        steps = step_sizes(hp, {"bc1": [bufs.bc1[p.buf] for p in chunk.pieces], "bc2": [bufs.bc2[p.buf] for p in chunk.pieces]}, chunk)
+        steps = step_sizes(hp, self._piece_hp(hp, chunk, bufs), chunk)
         big = torch.iinfo(keys.dtype).max
         for pc, lr_step in zip(chunk.pieces, steps):
             sl = slice(pc.start, pc.start + pc.length)
@@ -147,7 +147,7 @@ class CPU(TorchOps):
     def cautious(self, rule, hp, chunk, bufs, t_const):
         if not self._fused(rule):
             return False
-        steps = step_sizes(hp, {"bc1": [bufs.bc1[p.buf] for p in chunk.pieces], "bc2": [bufs.bc2[p.buf] for p in chunk.pieces]}, chunk)
+        steps = step_sizes(hp, self._piece_hp(hp, chunk, bufs), chunk)
         for pc, lr_step in zip(chunk.pieces, steps):
             sl = slice(pc.start, pc.start + pc.length)
             fn = _kernel(rule.name, "cautious", hp, bufs.params[pc.buf], bufs.grads[pc.buf],
@@ -198,6 +198,11 @@ def _adamw_u(m, v, bc1, bc2, eps, authors):
     return m / (torch.sqrt(v / bc2) + eps) / bc1
 
 
+def _stepped(p, u, phi, lr_step, decay, decay_after: bool):
+    """p *= 1 - lr*wd; p -= lr_eff * (phi * u); the authors' AdamW decays after the step."""
+    return (p - (u * phi) * lr_step) * decay if decay_after else p * decay - (u * phi) * lr_step
+
+
 def _make(rule: str, phase: str, authors: bool, maximize: bool):
     sgn = -1.0 if maximize else 1.0
 
@@ -215,7 +220,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
         def apply(p, g, m, v, key, t, d, lr_step, b1, b2, alpha, gamma, decay, bc1, bc2, eps):
             u = _adamw_u(m, v, bc1, bc2, eps, authors)
             phi = torch.where(key >= t, alpha, gamma) / d
-            p.copy_(((p - (u * phi) * lr_step) * decay) if authors else (p * decay - (u * phi) * lr_step))
+            p.copy_(_stepped(p, u, phi, lr_step, decay, authors))
 
         def cautious(p, g, m, v, lr_step, b1, b2, alpha, gamma, decay, bc1, bc2, eps):
             g = g * sgn
@@ -226,7 +231,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             phi = torch.where((s >= 0) if authors else (s > 0), alpha, gamma)
             m.copy_(m2)
             v.copy_(v2)
-            p.copy_(((p - (u * phi) * lr_step) * decay) if authors else (p * decay - (u * phi) * lr_step))
+            p.copy_(_stepped(p, u, phi, lr_step, decay, authors))
     else:  # lion: u from the old momentum, the momentum moves after the step
         def score(g, m, key, b1, b2, alpha, gamma, decay):
             g = g * sgn
@@ -238,7 +243,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             g = g * sgn
             u = _sign(m * b1 + g * (1 - b1))
             phi = torch.where(key >= t, alpha, gamma) / d
-            p.copy_(p * decay - (u * phi) * lr_step)
+            p.copy_(_stepped(p, u, phi, lr_step, decay, False))  # Lion decays first in both conventions
             m.copy_(m * b2 + g * (1 - b2))
 
         def cautious(p, g, m, lr_step, b1, b2, alpha, gamma, decay):
@@ -246,7 +251,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             u = _sign(m * b1 + g * (1 - b1))
             s = u * g
             phi = torch.where((s >= 0) if authors else (s > 0), alpha, gamma)
-            p.copy_(p * decay - (u * phi) * lr_step)
+            p.copy_(_stepped(p, u, phi, lr_step, decay, False))  # Lion decays first in both conventions
             m.copy_(m * b2 + g * (1 - b2))
 
     return {"score": score, "apply": apply, "cautious": cautious}[phase]
