@@ -19,7 +19,7 @@ from .collectives import all_gather_object, world_size
 from .kernels import BACKENDS, Bufs, get_backend
 from .layout import Layout, dtensor_layout, whole_layout
 from .pipeline import GroupStep, run_group
-from .plan import SCOPES, build_plan, collective_group
+from .plan import SCOPES, build_plan, chunk_cap, collective_group
 
 __all__ = [
     "MODES",
@@ -112,6 +112,9 @@ def _mgup_options(group: Dict[str, Any], where: str) -> None:
             raise ValueError(f"{key} must be True or False, got {group.get(key)!r}{where}")
     if group.get("foreach") not in (None, True, False):
         raise ValueError(f"foreach must be None, True or False, got {group.get('foreach')!r}{where}")
+    ce = group.setdefault("chunk_elems", None)
+    if ce is not None and (isinstance(ce, bool) or not isinstance(ce, int) or ce < 1):
+        raise ValueError(f"chunk_elems must be None (by device) or an integer >= 1, got {ce!r}{where}")
     if group.setdefault("compile", False) not in (True, False):
         raise ValueError(f"compile must be True or False, got {group.get('compile')!r}{where}")
     for key, why in _REFUSED.items():
@@ -120,7 +123,7 @@ def _mgup_options(group: Dict[str, Any], where: str) -> None:
 
 
 #: what decides which collectives run and what is selected: checked across ranks
-_AGREE = ("rule", "mode", "scope", "mask_ratio", "alpha", "gamma", "normalize", "convention")
+_AGREE = ("rule", "mode", "scope", "mask_ratio", "alpha", "gamma", "normalize", "convention", "chunk_elems")
 
 
 class _MGUPOptimizer(Optimizer):
@@ -270,7 +273,7 @@ class _MGUPOptimizer(Optimizer):
             for key, val in (
                 ("mode", "topk"), ("scope", "tensor"), ("normalize", False), ("foreach", None), ("compile", False),
                 ("maximize", False), ("capturable", False), ("convention", "torch"), ("correct_bias", True),
-                ("backend", "auto"), ("rule", self.rule_name),
+                ("backend", "auto"), ("rule", self.rule_name), ("chunk_elems", None),
             ):
                 group.setdefault(key, val)
 
@@ -359,16 +362,17 @@ class _MGUPOptimizer(Optimizer):
             self._step_group(group)
         return loss
 
-    def _plan(self, group, layouts: List[Layout], rule: R.Rule):
+    def _plan(self, group, layouts: List[Layout], rule: R.Rule, device: torch.device):
         """The group's plan (from layouts and hyperparameters only), built on the first step
         and after a change; building it checks, across the ranks of the group's process
         group, that the hyperparameters that decide collectives and selection agree."""
-        key = (tuple(id(lay) for lay in layouts), group["scope"], group["mask_ratio"], rule.matrix, *(group[k] for k in _AGREE))
+        cap = chunk_cap(device.type, group.get("chunk_elems"))
+        key = (tuple(id(lay) for lay in layouts), group["scope"], group["mask_ratio"], rule.matrix, cap, *(group[k] for k in _AGREE))
         hit = self._plans.get(id(group))
         if hit is not None and hit[0] == key:
             return hit[1]
         self._check_agreement(group, layouts)
-        plan = build_plan(layouts, group["scope"], group["mask_ratio"], assemble=rule.matrix)
+        plan = build_plan(layouts, group["scope"], group["mask_ratio"], assemble=rule.matrix, cap=cap)
         self._plans[id(group)] = (key, plan)
         return plan
 
@@ -483,7 +487,7 @@ class _MGUPOptimizer(Optimizer):
         device = _local(params[0]).device
         wide = any(_local(p).dtype == torch.float64 for p in params)
         fdt = torch.float64 if wide else torch.float32
-        plan = self._plan(group, layouts, rule)
+        plan = self._plan(group, layouts, rule, device)
         foreach = True if group["foreach"] is None else group["foreach"]
         backend = get_backend(device, foreach=foreach, compile=group["compile"], kind=group["backend"])
         hp = {k: v for k, v in group.items() if k not in ("params", "_validated")}
@@ -493,7 +497,7 @@ class _MGUPOptimizer(Optimizer):
                                             lambda n, dtype, dev: self._workspace(n, dtype, dev), writeback))
 
 
-_MGUP_KEYS = ("mode", "mask_ratio", "alpha", "gamma", "tau", "scope", "normalize", "foreach", "compile", "backend",
+_MGUP_KEYS = ("mode", "mask_ratio", "alpha", "gamma", "tau", "scope", "normalize", "foreach", "compile", "backend", "chunk_elems",
               "convention", "correct_bias", "rule")
 _RULE_CLASS = {"adamw": "MGUPAdamW", "lion": "MGUPLion", "muon": "MGUPMuon"}
 
@@ -510,10 +514,11 @@ _COMMON_DOC = """
     ``alpha`` / ``gamma`` or ``tau`` (alpha = 1/tau, gamma = tau), ``scope`` ("tensor" | "shard" |
     "global" | "global_approx"), ``normalize`` (Liang et al.'s phi / mean(phi)), ``convention``
     ("torch" | "authors": the MGUP authors' eps placement, bias correction in the step size,
-    decay after the step, cautious s >= 0), ``correct_bias`` (authors' convention only),
+    cautious s >= 0), ``correct_bias`` (authors' convention only),
     ``maximize``, ``capturable`` (step counter on the device, lr may be a device tensor: CUDA
     graphs), ``backend`` ("auto" | "cpu" | "triton" | "torch"), ``foreach``, ``compile`` (CPU:
-    Inductor-fused phases), ``fp32_state``.  ``amsgrad``, ``fused`` and ``differentiable`` are
+    Inductor-fused phases), ``chunk_elems`` (elements scored and selected together: None = 4M on
+    the CPU, 256M on accelerators; the step's scratch is 4 bytes a chunk element), ``fp32_state``.  ``amsgrad``, ``fused`` and ``differentiable`` are
     refused with a ValueError that says what to use instead.
 """
 
@@ -552,6 +557,7 @@ class MGUPAdamW(_MGUPOptimizer):
         backend: str = "auto",
         foreach: Optional[bool] = None,
         compile: bool = False,
+        chunk_elems: Optional[int] = None,
         fp32_state: Optional[bool] = None,
         amsgrad: bool = False,
         fused: Optional[bool] = None,
@@ -561,7 +567,8 @@ class MGUPAdamW(_MGUPOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mode=mode, mask_ratio=mask_ratio,
             alpha=alpha, gamma=gamma, tau=tau, scope=scope, normalize=normalize, convention=convention,
             correct_bias=correct_bias, maximize=maximize, capturable=capturable, backend=backend,
-            foreach=foreach, compile=compile, amsgrad=amsgrad, fused=fused, differentiable=differentiable,
+            foreach=foreach, compile=compile, chunk_elems=chunk_elems, amsgrad=amsgrad, fused=fused,
+            differentiable=differentiable,
         )
         super().__init__(params, defaults, fp32_state)
 
@@ -600,12 +607,13 @@ class MGUPLion(_MGUPOptimizer):
         backend: str = "auto",
         foreach: Optional[bool] = None,
         compile: bool = False,
+        chunk_elems: Optional[int] = None,
         fp32_state: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, mode=mode, mask_ratio=mask_ratio, alpha=alpha,
             gamma=gamma, tau=tau, scope=scope, normalize=normalize, convention=convention, maximize=maximize,
-            capturable=capturable, backend=backend, foreach=foreach, compile=compile,
+            capturable=capturable, backend=backend, foreach=foreach, compile=compile, chunk_elems=chunk_elems,
         )
         super().__init__(params, defaults, fp32_state)
 
@@ -652,6 +660,7 @@ class MGUPMuon(MGUPAdamW):
         backend: str = "auto",
         foreach: Optional[bool] = None,
         compile: bool = False,
+        chunk_elems: Optional[int] = None,
         fp32_state: Optional[bool] = None,
     ):
         self._adamw_ids = {id(p) for p in (adamw_params or [])}
@@ -665,7 +674,7 @@ class MGUPMuon(MGUPAdamW):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mode=mode, mask_ratio=mask_ratio,
             alpha=alpha, gamma=gamma, tau=tau, scope=scope, normalize=normalize, convention=convention,
-            maximize=maximize, backend=backend, foreach=foreach, compile=compile,
+            maximize=maximize, backend=backend, foreach=foreach, compile=compile, chunk_elems=chunk_elems,
             momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, use_muon=None,
         )
         _MGUPOptimizer.__init__(self, params, defaults, fp32_state)

@@ -2,7 +2,7 @@
 
     for chunk in plan:                              (mgup_dist.plan: from layouts, cached)
         keys  = backend.score(rule, ...)            phase 1: moments, u, s = u*g -> order keys
-        t     = selection.threshold(backend, ...)   phase 2: K-th key per unit, ties (cautious: a constant)
+        t     = backend.select(chunk, keys, ...)    phase 2: K-th key per unit, ties (cautious: a constant)
         backend.apply(rule, ..., t)                 phase 3: phi, weight decay, the step
 
 The scratch of a chunk (its keys) is the only per-step memory besides what a backend
@@ -69,7 +69,7 @@ def run_group(backend, st: GroupStep) -> None:
                 over_ranks = c.split or (approx and c.collective)
                 denom = _denominator(hp, *selection.selected_counts(backend, c, keys, t, over_ranks))
         else:
-            t = selection.threshold(backend, c, keys, hist0)
+            t = backend.select(c, keys, hist0)
             if normalize:  # top-K selects exactly K of each unit's N: the mean of phi is known
                 denom = _topk_denominator(hp, c, st.device)
         backend.apply(st.rule, hp, c, st.bufs, scratch, t, denom)

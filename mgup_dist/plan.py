@@ -15,10 +15,14 @@ Terms
   A *split* chunk holds units resolved with other ranks: every rank builds the same split
   chunks, in the same order, from ``Layout.collective``, and enters the same collectives.
 
-Memory bound: a local chunk holds at most ``max(largest piece, CHUNK_ELEMS)`` elements; a
-split chunk at most ``max(largest split tensor, world * CHUNK_ELEMS)`` elements of the
-*global* tensors, of which this rank holds its share.  ``scope="global"`` is one chunk
-(the whole group is one unit).
+Memory bound: a local chunk holds at most ``max(largest piece, cap)`` elements; a split
+chunk at most ``max(largest split tensor, world * cap)`` elements of the *global* tensors,
+of which this rank holds its share.  ``cap`` is the optimizer's ``chunk_elems``; by default
+``CHUNK_ELEMS`` (4M) on the CPU, where a chunk costs no launches and its scratch is kept
+between steps, and ``DEVICE_CHUNK_ELEMS`` (256M: one chunk for a 130M model or a 7B model's
+ZeRO/FSDP shard on 64 ranks) on accelerators, where every chunk repeats each phase's launches
+and the scratch (4 bytes an element) is returned to the caching allocator after the step.
+``scope="global"`` is one chunk (the whole group is one unit).
 """
 from __future__ import annotations
 
@@ -29,10 +33,19 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 from .collectives import all_gather_object, world_size
 from .layout import Layout
 
-__all__ = ["CHUNK_ELEMS", "Piece", "Chunk", "GroupPlan", "build_plan", "num_selected", "SCOPES"]
+__all__ = ["CHUNK_ELEMS", "DEVICE_CHUNK_ELEMS", "chunk_cap", "Piece", "Chunk", "GroupPlan", "build_plan", "num_selected", "SCOPES"]
 
 SCOPES = ("tensor", "shard", "global", "global_approx")
 CHUNK_ELEMS = 1 << 22  # 4M elements: below this, chunking buys no memory and costs launches
+DEVICE_CHUNK_ELEMS = 1 << 28  # 256M elements (1 GiB of fp32 keys): launches per step do not grow with the model
+
+
+def chunk_cap(device_type: str, chunk_elems=None) -> int:
+    """The chunk cap of a param group: ``chunk_elems`` when given, else by device type (a
+    fact identical on every rank, so every rank builds the same split chunks)."""
+    if chunk_elems is not None:
+        return int(chunk_elems)
+    return CHUNK_ELEMS if device_type == "cpu" else DEVICE_CHUNK_ELEMS
 
 
 def num_selected(mask_ratio: float, n: int) -> int:
@@ -125,12 +138,15 @@ def _pack(items: List[Tuple[int, ...]], sizes: List[int], cap: int) -> List[List
     return bins
 
 
-def build_plan(layouts: Sequence[Layout], scope: str, mask_ratio: float, assemble: bool = False) -> GroupPlan:
+def build_plan(layouts: Sequence[Layout], scope: str, mask_ratio: float, assemble: bool = False,
+               cap: Optional[int] = None) -> GroupPlan:
     """Pieces, units and chunks of a param group from its buffers' layouts (one per param,
     in param order).  ``assemble``: the rule needs each split tensor whole (Muon), so split
     tensors go into chunks identical on every rank whatever the scope.  Collective (one
     all_gather_object, at plan time) when the group has split tensors: then every rank
-    must call it at the same point."""
+    must call it at the same point.  ``cap``: the chunk cap (``chunk_cap``; default
+    ``CHUNK_ELEMS``)."""
+    cap_local = CHUNK_ELEMS if cap is None else cap
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     group = collective_group(layouts)
@@ -181,7 +197,7 @@ def build_plan(layouts: Sequence[Layout], scope: str, mask_ratio: float, assembl
     chunks: List[Chunk] = []
     # local chunks: whole tensors (tensor scope), pieces (shard scope), padding
     sizes = [n for _, _, n, _ in local]
-    for bin_ in _pack(local, sizes, max([CHUNK_ELEMS] + sizes)):
+    for bin_ in _pack(local, sizes, max([cap_local] + sizes)):
         units, bpads, unit_n = [], [], {}
         for b, s, n, seg in bin_:
             if seg is None:
@@ -195,8 +211,8 @@ def build_plan(layouts: Sequence[Layout], scope: str, mask_ratio: float, assembl
     # split chunks: the same on every rank (from Layout.collective); per tensor units
     # (scope "tensor", resolved with the other ranks) or per piece (scope "shard", local)
     if split_ids:
-        cap = max(max(collective.values()), world * CHUNK_ELEMS)
-        for bin_ in _pack(split_ids, [collective[t] for t in split_ids], cap):
+        cap_split = max(max(collective.values()), world * cap_local)
+        for bin_ in _pack(split_ids, [collective[t] for t in split_ids], cap_split):
             tensors = tuple((t, collective[t]) for t in bin_)
             units, unit_n = [], {}
             for i, tid in enumerate(bin_):

@@ -36,7 +36,7 @@ __all__ = ["Rule", "ADAMW", "LION", "MUON", "RULES", "CONVENTIONS", "NS_COEFFS",
 
 #: ``torch``: eps on the bias-corrected sqrt(v_hat) (torch.optim.AdamW).  ``authors``: the MGUP
 #: authors' code (Hugging Face's old AdamW): eps on the uncorrected sqrt(v), bias correction
-#: folded into the step size, weight decay after the step, cautious alpha also where s == 0.
+#: folded into the step size, cautious alpha also where s == 0 (weight decay first, as torch).
 CONVENTIONS = ("torch", "authors")
 
 

@@ -166,13 +166,14 @@ def test_gradient_of_the_wrong_shape_is_refused(compile_):
 def _authors_adamw(ps, steps, *, lr, betas, eps, wd, mask_ratio, alpha, gamma, correct_bias, cautious):
     """Re-derived from the MGUP authors' AdamW (Hugging Face's former ``transformers.AdamW``
     with MGUP's scale), written independently of mgup_dist: eps on the uncorrected sqrt(v),
-    bias correction in the step size, weight decay after the step, cautious alpha where
-    the score is >= 0."""
+    bias correction in the step size, weight decay before the moment update (their lines
+    ``p.mul_(1 - lr*wd)`` come first), cautious alpha where the score is >= 0."""
     state = [dict(m=torch.zeros_like(p), v=torch.zeros_like(p)) for p in ps]
     b1, b2 = betas
     with torch.no_grad():
         for t in range(1, steps + 1):
             for p, g, st in zip(ps, _grads(ps, t - 1), state):
+                p.mul_(1 - lr * wd)
                 st["m"] = st["m"] * b1 + (1 - b1) * g
                 st["v"] = st["v"] * b2 + (1 - b2) * g * g
                 denom = st["v"].sqrt() + eps
@@ -185,7 +186,6 @@ def _authors_adamw(ps, steps, *, lr, betas, eps, wd, mask_ratio, alpha, gamma, c
                     sel = reference_mask(score.reshape(-1), k).reshape(score.shape)
                 mask = torch.full_like(score, gamma).masked_fill_(sel, alpha)  # float64 alpha and gamma
                 p.add_(-step_size * (st["m"] * mask) / denom)
-                p.add_(p, alpha=-lr * wd)
 
 
 @pytest.mark.parametrize("cautious", [False, True], ids=["topk", "cautious"])

@@ -27,11 +27,13 @@ Contracts (all backends, bit for bit on the selection):
 * **apply(rule, hp, chunk, bufs, scratch, t_key, denom)**: phi = alpha where
   ``key >= t_key[unit]`` else gamma (padding: gamma), divided by ``denom[unit]`` when
   ``denom`` is given (Liang et al.'s normalisation); recompute u (``rule.direction``),
-  ``p *= 1 - lr*wd``, ``p -= lr_eff * phi * u`` (authors' convention: decay after the step),
+  ``p *= 1 - lr*wd``, ``p -= lr_eff * phi * u`` (decay first in both conventions),
   then ``rule.finish`` for late-state rules.  The scratch may be overwritten.
 * **cautious(rule, hp, chunk, bufs, t_const)** -> bool: optional fused one-pass cautious
   step (no scratch); returns False when the backend has none for this rule, and the
   pipeline then runs score + apply with the constant threshold.
+* **select(chunk, keys, hist0)** -> what ``apply`` takes as ``t_key`` (default: the radix
+  select of ``mgup_dist.selection`` over the primitives above).
 * **select_local(chunk, keys)** -> ``t_key`` or None: optional exact fast path for chunks
   whose units are all on this rank (CPU: introselect); it must leave the keys so that
   ``key >= t_key[unit]`` is exactly "selected" (ties resolved).
@@ -141,3 +143,12 @@ class Backend:
 
     def select_local(self, chunk, keys: Tensor) -> Optional[Tensor]:
         return None
+
+    def select(self, chunk, keys: Tensor, hist0: Optional[Tensor]):
+        """Phase 2 of a top-K chunk: what ``apply`` takes as ``t_key``.  Default: the radix
+        select of ``mgup_dist.selection`` over this backend's primitives (``t_key`` int
+        [n_units], losing ties lowered).  A backend may return its own form, which only its
+        ``apply`` reads; it must enter the same collectives as ``selection.threshold``."""
+        from ..selection import threshold
+
+        return threshold(self, chunk, keys, hist0)

@@ -198,9 +198,9 @@ def _adamw_u(m, v, bc1, bc2, eps, authors):
     return m / (torch.sqrt(v / bc2) + eps) / bc1
 
 
-def _stepped(p, u, phi, lr_step, decay, decay_after: bool):
-    """p *= 1 - lr*wd; p -= lr_eff * (phi * u); the authors' AdamW decays after the step."""
-    return (p - (u * phi) * lr_step) * decay if decay_after else p * decay - (u * phi) * lr_step
+def _stepped(p, u, phi, lr_step, decay):
+    """p *= 1 - lr*wd; p -= lr_eff * (phi * u): decoupled decay first, in both conventions."""
+    return p * decay - (u * phi) * lr_step
 
 
 def _make(rule: str, phase: str, authors: bool, maximize: bool):
@@ -220,7 +220,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
         def apply(p, g, m, v, key, t, d, lr_step, b1, b2, alpha, gamma, decay, bc1, bc2, eps):
             u = _adamw_u(m, v, bc1, bc2, eps, authors)
             phi = torch.where(key >= t, alpha, gamma) / d
-            p.copy_(_stepped(p, u, phi, lr_step, decay, authors))
+            p.copy_(_stepped(p, u, phi, lr_step, decay))
 
         def cautious(p, g, m, v, lr_step, b1, b2, alpha, gamma, decay, bc1, bc2, eps):
             g = g * sgn
@@ -231,7 +231,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             phi = torch.where((s >= 0) if authors else (s > 0), alpha, gamma)
             m.copy_(m2)
             v.copy_(v2)
-            p.copy_(_stepped(p, u, phi, lr_step, decay, authors))
+            p.copy_(_stepped(p, u, phi, lr_step, decay))
     else:  # lion: u from the old momentum, the momentum moves after the step
         def score(g, m, key, b1, b2, alpha, gamma, decay):
             g = g * sgn
@@ -243,7 +243,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             g = g * sgn
             u = _sign(m * b1 + g * (1 - b1))
             phi = torch.where(key >= t, alpha, gamma) / d
-            p.copy_(_stepped(p, u, phi, lr_step, decay, False))  # Lion decays first in both conventions
+            p.copy_(_stepped(p, u, phi, lr_step, decay))
             m.copy_(m * b2 + g * (1 - b2))
 
         def cautious(p, g, m, lr_step, b1, b2, alpha, gamma, decay):
@@ -251,7 +251,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             u = _sign(m * b1 + g * (1 - b1))
             s = u * g
             phi = torch.where((s >= 0) if authors else (s > 0), alpha, gamma)
-            p.copy_(_stepped(p, u, phi, lr_step, decay, False))  # Lion decays first in both conventions
+            p.copy_(_stepped(p, u, phi, lr_step, decay))
             m.copy_(m * b2 + g * (1 - b2))
 
     return {"score": score, "apply": apply, "cautious": cautious}[phase]

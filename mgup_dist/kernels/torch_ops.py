@@ -199,16 +199,12 @@ def step_sizes(hp, h, chunk) -> list:
 
 
 def update(params, us, phis, steps, hp) -> None:
-    """p *= 1 - lr*wd ; p -= lr_eff * (phi * u)   (authors' convention: decay after the step).
-    ``us`` is consumed (it is the scratch)."""
+    """p *= 1 - lr*wd ; p -= lr_eff * (phi * u).  Decoupled decay comes first in both
+    conventions (the authors' AdamW and Lion decay p before their moment update, which
+    does not read p).  ``us`` is consumed (it is the scratch)."""
     wd, lr = hp["weight_decay"], hp["lr"]
-    # the authors' AdamW (Hugging Face's old AdamW) decays after the step; their Lion (as
-    # lion-pytorch) before it, like torch
-    decay_after = hp.get("convention", "torch") == "authors" and "exp_avg_sq" in hp.get("state", ())
     torch._foreach_mul_(us, phis)
     torch._foreach_mul_(us, list(steps))
-    if wd != 0 and not decay_after:
+    if wd != 0:
         torch._foreach_mul_(params, 1 - lr * wd)
     torch._foreach_sub_(params, us)
-    if wd != 0 and decay_after:
-        torch._foreach_mul_(params, 1 - lr * wd)

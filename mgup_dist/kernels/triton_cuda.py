@@ -233,8 +233,8 @@ def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, bc1, bc1_s, bc2, bc2_s, 
                   HAS_DENOM: tl.constexpr, BC_TAB: tl.constexpr, STEP_TAB: tl.constexpr, LR_TAB: tl.constexpr,
                   HAS_WD: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr):
     """phi = alpha if key >= t else gamma (/ denom[unit]); u from the state (CAUTIOUS: the
-    moments move here first and key = key(u*g), t = t_const); p *= 1 - lr*wd (torch and Lion:
-    before, the authors' AdamW: after the step); p -= step * (phi * u); Lion: m = b2*m + (1-b2)*g last."""
+    moments move here first and key = key(u*g), t = t_const); p *= 1 - lr*wd (both conventions);
+    p -= step * (phi * u); Lion: m = b2*m + (1-b2)*g last."""
     pid = tl.program_id(0)
     piece = tl.load(blk + pid * 2)
     start = tl.load(blk + pid * 2 + 1)
@@ -285,12 +285,9 @@ def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, bc1, bc1_s, bc2, bc2_s, 
             key = tl.load(keys_ptr + off + idx, mask=msk, other=0)
         phi = tl.where((key >= t) & (unit >= 0), a, c)
         p = tl.load(pp + idx, mask=msk, other=0.0).to(tl.float32)
-        # the authors' AdamW (HF's former AdamW) decays after the step; Lion before, as torch
-        if HAS_WD and not (AUTHORS and not LION):
+        if HAS_WD:
             p = _cast(p * decay, P_T).to(tl.float32)
         p = p - (u * phi) * st
-        if HAS_WD and AUTHORS and not LION:
-            p = _cast(p, P_T).to(tl.float32) * decay
         tl.store(pp + idx, _cast(p, P_T), mask=msk)
         if LION:
             tl.store(mp + idx, _cast(tl.fma(one_m_b2, g, m * b2), S_T), mask=msk)
