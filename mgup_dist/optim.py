@@ -353,6 +353,11 @@ class _MGUPOptimizer(Optimizer):
     # -- step -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        # as torch's optimizers: capturing a step in a CUDA graph needs capturable=True (step
+        # counters and bias corrections on the device); otherwise replays would reuse the
+        # captured bias corrections for ever
+        check = getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check
+        check()
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -1,36 +1,43 @@
-"""CUDA backend: multi-tensor Triton kernels for AdamW and Lion (Muon and float64 params:
+"""CUDA backend: multi-tensor Triton kernels for AdamW and Lion (Muon and float64 params run
 ``TorchOps``, i.e. ``super()``).  Imported lazily by the dispatcher only (``import triton``).
 
-Every launch covers all pieces of a chunk.  Per chunk the host builds once, and caches in
-``chunk.cache`` keyed by the buffers' ``data_ptr()``, a piece table (int64 addresses of
-param / grad / states, length, scratch offset, unit) and a block table (program -> piece,
-start): each program covers ``span`` elements of one piece (a loop of ``block``), so a
-repeat step or a CUDA-graph replay needs no host-to-device copy.  Scalars (lr, bias
-corrections, step sizes) are kernel arguments when they are python floats equal over the
-chunk, else per-piece device tables read by pointer (0-d device tensors: CUDA graphs).
+A step of a top-K chunk (on CUDA a chunk holds the whole param group, ``plan.chunk_cap``):
 
-Math is fp32 (bf16/fp16 params, grads, states are loaded and upcast), with round-to-nearest
-division and sqrt (``div_rn``, ``sqrt_rn``), in the operation order of ``mgup_dist.rules``,
-explicit ``tl.fma`` where torch's kernels fuse one (``add_(x, alpha=)`` and ``addcmul_``
-compute ``fma(alpha, x, self)`` on CPU and CUDA) and no other contraction
-(``enable_fp_fusion=False`` at the score and apply launches): on CUDA the keys should equal
-torch's bit for bit (not verified on a GPU yet: ``tests/test_cuda.py``).  On CPU, torch's
-``sqrt`` is not correctly rounded, so AdamW's keys there differ by a few ulps (the interpreter
-tests say so); the selection on the *same* keys is bitwise everywhere.  Half-precision
-*states* are rounded once per update here, where torch's op-by-op path rounds after every op.
-All kernels compile for sm_90 with Triton 3.9 (checked ahead of time, no GPU) and use only
-APIs present in Triton 3.6.
+    zeros       one int64 work buffer: 3 per-unit histograms (2048 bins), per-unit state, tie counts
+    score       moments, u, s = u*g -> order key; its 2048-bin histogram of the top 11 key bits,
+                accumulated per program in shared memory and added to the unit's int64 row
+    digit  x3   one program per unit: the digit where the count from the top reaches the K still
+                needed (``selection.choose_digit``), the prefix, K left; after the last pass the
+                K-th key ``t`` and whether the ties at ``t`` need an index-order cut
+    pass   x2   11 then 10 more bits: masked histogram of the keys matching the unit's prefix
+    ties        per program, the keys equal to ``t`` (programs of units without a cut return at once),
+                an index-order scan of the counts (a few tiny torch ops; ``all_reduce`` per slot
+                when the unit spans ranks), and the losing ties lowered to ``t - 1`` (the contract
+                of ``kernels.base``: afterwards ``key >= t`` is exactly "selected")
+    apply       phi = alpha if key >= t else gamma, u recomputed from the state, the step
 
-Memory traffic per element (fp32 everything, AdamW; Lion one state less):
+That is 9 kernel launches and about a dozen tiny torch ops a step, whatever the number of tensors
+(``python -m mgup_dist.opcount``); the all-reduces of a chunk split over ranks are one per radix
+pass plus one for the ties, as the generic path (``selection.threshold``).  Cautious mode is one
+launch of the fused apply kernel.
 
-    score        read g, m, v; write m, v, key                    24 B
-                 (+ one 4096-bin int32 histogram per program of ``span`` elements:
-                 16 KiB per 16K elements = 1 B per element, transient, reduced per unit)
-    histogram    read key                                           4 B
-    tie_counts   read key                                           4 B  (resolve_ties: +4+4 B,
-                                                                         only blocks with ties)
-    apply        read key, g, m, v, p; write p                     24 B  (Lion: +write m)
-    cautious     read g, m, v, p; write m, v, p                    28 B  (one pass, no scratch)
+Memory traffic per element by design (fp32 params, grads and states; AdamW; fused AdamW: 28 B):
+
+    score        read g, m, v; write m, v, key                                 24 B
+    pass 1, 2    read key                                                       8 B
+    ties         read key (units whose ties need a cut only; else nothing)     0-4 B
+    apply        read key, m, v, p; write p  (Lion: + g, write m; no v)        20 B
+    total                                                                      52 B (+4 on a tie cut)
+    cautious     read g, m, v, p; write m, v, p (one pass, no scratch)         28 B
+
+Math is fp32 (bf16/fp16 params, grads, states are loaded and upcast) with IEEE division and
+square root (``div_rn``, ``sqrt_rn``), in the operation order of ``mgup_dist.rules``, with the
+contractions that torch's CUDA kernels make (``add_(x, alpha=a)`` -> ``fma(a, x, self)``,
+``addcmul_(x, x, value=c)`` -> ``fma(c, x*x, self)``) and no other (``enable_fp_fusion=False``).
+Half-precision values are rounded to nearest even by hand (NaN stays NaN): the interpreter
+truncates a float cast.  Pieces whose addresses (and scratch offsets) are all 16-byte aligned
+get the vectorised variant: unmasked main loops over ``BLOCK`` elements with alignment hints
+(``ld.global.v4``); others the same kernels with scalar loads.
 """
 from __future__ import annotations
 
@@ -38,35 +45,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .base import KEY_NAN, radix_widths
+from ..collectives import all_reduce_sum
+from .base import KEY_NAN
 from .torch_ops import TorchOps, step_sizes
 
 Tensor = torch.Tensor
 
-__all__ = ["TritonCUDA"]
+__all__ = ["TritonCUDA", "WIDTHS", "NB"]
 
+#: radix digits of a 32-bit key, high to low (2048-bin histograms: 16 KiB of int64 per unit)
+WIDTHS = (11, 11, 10)
+NB = 1 << 11
+_SHIFTS = (21, 10, 0)
+_I32_MAX = 2**31 - 1
 _I32_NAN = KEY_NAN(torch.int32)
-_F32_INF_BITS = 0x7F800000
+_ST_ROWS = 4  # per-unit state rows: prefix, k left, t, tie cut needed
 
 
 # ------------------------------------------------------------------------------ device math
 @triton.jit
-def _scalar(arg, stride, piece, IS_TABLE: tl.constexpr):
-    """A per-piece scalar: a kernel argument, or ``arg[piece * stride]`` (stride 0: one
-    device value for every piece)."""
-    if IS_TABLE:
-        return tl.load(arg + piece * stride).to(tl.float32)
-    else:
-        return arg
-
-
-@triton.jit
 def _cast(x, T: tl.constexpr):
-    """fp32 -> T rounded to nearest even.  bf16 by hand: (bits + 0x7FFF + lsb) >> 16, since
-    Triton's interpreter truncates fp32 -> bf16 (the GPU rounds; both agree with this)."""
+    """fp32 -> T rounded to nearest even; NaN stays NaN.  bf16 by hand on int64 bits (no
+    overflow for the canonical NaN 0x7FFFFFFF that NVIDIA GPUs produce)."""
     if T == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        b = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x != x, 0x7FC0, r)
         return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(T)
@@ -74,12 +78,18 @@ def _cast(x, T: tl.constexpr):
 
 @triton.jit
 def _to_key(s):
-    """keys_: IEEE sign-magnitude bits -> two's-complement order; -0 -> +0; NaN -> KEY_NAN."""
+    """kernels.base.keys_: sign-magnitude bits -> two's-complement order; -0 -> +0; NaN -> KEY_NAN."""
     bits = s.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     key = tl.where(s == 0.0, 0, key)
-    nan = (key > 0x7F800000) | (key < -0x7F800000 - 1)
-    return tl.where(nan, -2147483647, key)
+    return tl.where(s != s, -2147483647, key)
+
+
+@triton.jit
+def _moments(g, m, v, b1, one_m_b1, b2, one_m_b2):
+    # m = b1*m + (1-b1)*g ; v = b2*v + (1-b2)*g^2, rounded as torch's CUDA foreach ops:
+    # add_(g, alpha=a) is fma(a, g, m*b1), addcmul_(g, g, value=c) is fma(c, g*g, v*b2)
+    return tl.fma(one_m_b1, g, m * b1), tl.fma(one_m_b2, g * g, v * b2)
 
 
 @triton.jit
@@ -94,203 +104,327 @@ def _adamw_u(m, v, bc1, bc2, eps, AUTHORS: tl.constexpr):
 
 @triton.jit
 def _lion_u(g, m, b1, one_m_b1):
-    # u = sign(b1*m + (1-b1)*g)   (NaN stays NaN, as torch.sign)
+    # u = sign(b1*m + (1-b1)*g)   (NaN stays NaN: a frozen NaN coordinate would hide divergence)
     c = tl.fma(one_m_b1, g, m * b1)
     return tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, c * 0.0))
 
 
 @triton.jit
-def _piece_row(tab, piece):
-    # piece table row: p, g, s0, s1 (int64 addresses), length, offset, unit
-    row = tab + piece * 7
-    return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6))
+def _row(tab, piece):
+    # piece table row: p, g, s0, s1 (int64 addresses), length, scratch offset, unit (U: padding)
+    r = tab + piece * 7
+    return (tl.load(r + 0), tl.load(r + 1), tl.load(r + 2), tl.load(r + 3),
+            tl.load(r + 4), tl.load(r + 5), tl.load(r + 6))
 
 
-# ------------------------------------------------------------------------------- kernels
 @triton.jit
-def _score_kernel(tab, blk, keys_ptr, hist_ptr, bc1, bc1_s, bc2, bc2_s,
-                  b1, one_m_b1, b2, one_m_b2, eps,
-                  G_T: tl.constexpr, S_T: tl.constexpr,
-                  LION: tl.constexpr, AUTHORS: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  BC_TAB: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
-    """s = u*g per element (state updated in place for AdamW), key(s) into the scratch, and
-    this program's histogram of (key >> 20) + 2048 into hist[pid]."""
-    pid = tl.program_id(0)
-    piece = tl.load(blk + pid * 2)
+def _ptr(addr, T: tl.constexpr, ALIGNED: tl.constexpr):
+    if ALIGNED:
+        addr = tl.multiple_of(addr, 16)
+    return addr.to(tl.pointer_type(T))
+
+
+@triton.jit
+def _span(blk, pid, n, SPAN: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's range [start, end) of its piece and its count of whole BLOCKs."""
     start = tl.load(blk + pid * 2 + 1)
-    pa, ga, s0a, s1a, n, off, unit = _piece_row(tab, piece)
-    gp = ga.to(tl.pointer_type(G_T))
-    mp = s0a.to(tl.pointer_type(S_T))
-    vp = s1a.to(tl.pointer_type(S_T))
-    c1 = _scalar(bc1, bc1_s, piece, BC_TAB)
-    c2 = _scalar(bc2, bc2_s, piece, BC_TAB)
-    acc = tl.zeros((NB,), dtype=tl.int32)
-    n_masked = 0
-    for i in range(0, SPAN, BLOCK):
-        idx = start + i + tl.arange(0, BLOCK)
-        msk = idx < n
-        g = tl.load(gp + idx, mask=msk, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        m = tl.load(mp + idx, mask=msk, other=0.0).to(tl.float32)
-        if LION:
-            u = _lion_u(g, m, b1, one_m_b1)  # state moves in apply (late_state)
+    end = tl.minimum(start + SPAN, n)
+    return start, end, (end - start) // BLOCK
+
+
+@triton.jit
+def _idx(start, i, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    base = start + i * BLOCK
+    if ALIGNED:
+        base = tl.multiple_of(base, BLOCK)
+    return base + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _ld(p, idx, msk, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(p + idx, mask=msk, other=0)
+    else:
+        return tl.load(p + idx)
+
+
+@triton.jit
+def _st(p, idx, x, msk, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(p + idx, x, mask=msk)
+    else:
+        tl.store(p + idx, x)
+
+
+# ------------------------------------------------------------------------------- score
+@triton.jit
+def _score_block(acc, idx, msk, gp, mp, vp, kp, c1, c2, b1, one_m_b1, b2, one_m_b2, eps,
+                 S_T: tl.constexpr, LION: tl.constexpr, AUTHORS: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 HIST: tl.constexpr, MASKED: tl.constexpr, NBINS: tl.constexpr, SHIFT0: tl.constexpr):
+    g = _ld(gp, idx, msk, MASKED).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    m = _ld(mp, idx, msk, MASKED).to(tl.float32)
+    if LION:
+        u = _lion_u(g, m, b1, one_m_b1)  # the momentum moves in apply (late state)
+    else:
+        v = _ld(vp, idx, msk, MASKED).to(tl.float32)
+        m, v = _moments(g, m, v, b1, one_m_b1, b2, one_m_b2)
+        m = _cast(m, S_T)
+        v = _cast(v, S_T)
+        _st(mp, idx, m, msk, MASKED)
+        _st(vp, idx, v, msk, MASKED)
+        # u from the stored (rounded) state, as apply recomputes it
+        u = _adamw_u(m.to(tl.float32), v.to(tl.float32), c1, c2, eps, AUTHORS)
+    key = _to_key(u * g)
+    _st(kp, idx, key, msk, MASKED)
+    if HIST:
+        digit = (key >> SHIFT0) + NBINS // 2
+        if MASKED:
+            acc += tl.histogram(digit, NBINS, mask=msk)
         else:
-            # m = b1*m + (1-b1)*g ;  v = b2*v + (1-b2)*g*g
-            m = tl.fma(one_m_b1, g, m * b1)
-            v = tl.load(vp + idx, mask=msk, other=0.0).to(tl.float32)
-            v = tl.fma(one_m_b2 * g, g, v * b2)
-            tl.store(mp + idx, _cast(m, S_T), mask=msk)
-            tl.store(vp + idx, _cast(v, S_T), mask=msk)
-            # u from the stored (rounded) state, as apply will recompute it
-            u = _adamw_u(_cast(m, S_T).to(tl.float32), _cast(v, S_T).to(tl.float32), c1, c2, eps, AUTHORS)
-        key = _to_key(u * g)
-        tl.store(keys_ptr + off + idx, key, mask=msk)
-        digit = tl.where(msk, (key >> 20) + NB // 2, 0)
-        acc += tl.histogram(digit, NB)
-        n_masked += tl.sum((~msk).to(tl.int32), axis=0)
-    bins = tl.arange(0, NB)
-    acc -= tl.where(bins == 0, n_masked, 0)  # masked lanes were counted in bin 0
-    tl.store(hist_ptr + pid.to(tl.int64) * NB + bins, acc)
+            acc += tl.histogram(digit, NBINS)
+    return acc
 
 
 @triton.jit
-def _hist_kernel(tab, blk, keys_ptr, prefix_ptr, hist_ptr, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
-                 SPAN: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass p > 0: histogram of (key >> SHIFT) & (2**WIDTH - 1) over the keys whose bits above
-    SHIFT + WIDTH equal prefix[unit]."""
-    NB: tl.constexpr = 1 << WIDTH
+def _score_kernel(tab, blk, keys_ptr, hist_ptr, sc_ptr, c1, c2, b1, one_m_b1, b2, one_m_b2, eps, U,
+                  G_T: tl.constexpr, S_T: tl.constexpr, LION: tl.constexpr, AUTHORS: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, SC_TAB: tl.constexpr, HIST: tl.constexpr, ALIGNED: tl.constexpr,
+                  SPAN: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr, SHIFT0: tl.constexpr):
+    """s = u*g per element (AdamW's moments updated in place), key(s) into the scratch, and
+    (HIST) the histogram of the top key bits added to the unit's int64 row of ``hist``."""
     pid = tl.program_id(0)
     piece = tl.load(blk + pid * 2)
-    start = tl.load(blk + pid * 2 + 1)
+    pa, ga, s0a, s1a, n, off, unit = _row(tab, piece)
+    gp = _ptr(ga, G_T, ALIGNED)
+    mp = _ptr(s0a, S_T, ALIGNED)
+    vp = _ptr(s1a, S_T, ALIGNED)
+    if ALIGNED:
+        off = tl.multiple_of(off, 4)
+    kp = keys_ptr + off
+    if SC_TAB:  # per-piece bias corrections (step counts differ, or device tensors)
+        c1 = tl.load(sc_ptr + piece * 4)
+        c2 = tl.load(sc_ptr + piece * 4 + 1)
+    start, end, nfull = _span(blk, pid, n, SPAN, BLOCK)
+    acc = tl.zeros((NBINS,), dtype=tl.int32)
+    for i in range(0, nfull):
+        idx = _idx(start, i, BLOCK, ALIGNED)
+        acc = _score_block(acc, idx, idx < end, gp, mp, vp, kp, c1, c2, b1, one_m_b1, b2, one_m_b2, eps,
+                           S_T, LION, AUTHORS, MAXIMIZE, HIST, False, NBINS, SHIFT0)
+    idx = start + nfull * BLOCK + tl.arange(0, BLOCK)
+    acc = _score_block(acc, idx, idx < end, gp, mp, vp, kp, c1, c2, b1, one_m_b1, b2, one_m_b2, eps,
+                       S_T, LION, AUTHORS, MAXIMIZE, HIST, True, NBINS, SHIFT0)
+    if HIST:
+        if unit < U:
+            bins = tl.arange(0, NBINS)
+            tl.atomic_add(hist_ptr + unit * NBINS + bins, acc.to(tl.int64), mask=acc != 0)
+
+
+# --------------------------------------------------------------------------- selection
+@triton.jit
+def _pass_kernel(tab, blk, keys_ptr, st_ptr, k_ptr, hist_ptr, U,
+                 FIRST: tl.constexpr, SHIFT: tl.constexpr, WIDTH: tl.constexpr, ALIGNED: tl.constexpr,
+                 SPAN: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr):
+    """Radix pass: histogram of (key >> SHIFT) & (2**WIDTH - 1) over the keys whose bits
+    above SHIFT + WIDTH equal the unit's prefix (FIRST: the top digit of every key, offset
+    by half the bins), added to the unit's int64 row of ``hist``.  Masked-off lanes never
+    touch a bin (no funnel into bin 0)."""
+    pid = tl.program_id(0)
+    piece = tl.load(blk + pid * 2)
     n = tl.load(tab + piece * 7 + 4)
     off = tl.load(tab + piece * 7 + 5)
     unit = tl.load(tab + piece * 7 + 6)
-    pre = tl.load(prefix_ptr + tl.maximum(unit, 0))
-    acc = tl.zeros((NB,), dtype=tl.int32)
-    n_masked = 0
-    for i in range(0, SPAN, BLOCK):
-        idx = start + i + tl.arange(0, BLOCK)
-        key = tl.load(keys_ptr + off + idx, mask=idx < n, other=0)
-        ok = (idx < n) & ((key >> (SHIFT + WIDTH)).to(tl.int64) == pre) & (unit >= 0)
-        acc += tl.histogram(tl.where(ok, (key >> SHIFT) & (NB - 1), 0), NB)
-        n_masked += tl.sum((~ok).to(tl.int32), axis=0)
-    bins = tl.arange(0, NB)
-    acc -= tl.where(bins == 0, n_masked, 0)
-    tl.store(hist_ptr + pid.to(tl.int64) * NB + bins, acc)
+    if unit >= U:
+        return  # padding
+    if tl.load(k_ptr + unit) == 0:
+        return  # K = 0: nothing is selected, the threshold is the maximum
+    pre = tl.load(st_ptr + unit)
+    if ALIGNED:
+        off = tl.multiple_of(off, 4)
+    kp = keys_ptr + off
+    start, end, nfull = _span(blk, pid, n, SPAN, BLOCK)
+    acc = tl.zeros((NBINS,), dtype=tl.int32)
+    for i in range(0, nfull + 1):
+        idx = _idx(start, i, BLOCK, ALIGNED)
+        msk = idx < end
+        key = tl.load(kp + idx, mask=msk, other=0)
+        if FIRST:
+            acc += tl.histogram((key >> SHIFT) + NBINS // 2, NBINS, mask=msk)
+        else:
+            ok = msk & ((key >> (SHIFT + WIDTH)).to(tl.int64) == pre)
+            acc += tl.histogram((key >> SHIFT) & ((1 << WIDTH) - 1), NBINS, mask=ok)
+    bins = tl.arange(0, NBINS)
+    tl.atomic_add(hist_ptr + unit * NBINS + bins, acc.to(tl.int64), mask=acc != 0)
 
 
 @triton.jit
-def _tie_count_kernel(tab, blk, keys_ptr, t_ptr, cnt_ptr, SPAN: tl.constexpr, BLOCK: tl.constexpr):
-    """cnt[pid] = #{key == t_key[unit]} in this program's range (0 for padding)."""
+def _digit_kernel(hist_ptr, st_ptr, k_ptr, U1, FIRST: tl.constexpr, LAST: tl.constexpr,
+                  WIDTH: tl.constexpr, NBINS: tl.constexpr):
+    """One program per unit (and one for the padding slot U): b = the largest digit with
+    count(digit >= b) >= K still needed; K -= count(digit > b); prefix = prefix << WIDTH | b
+    (FIRST: b - NBINS/2, the signed top digit).  LAST: t = prefix (K = 0: the int32 maximum),
+    and whether the ties at t need an index-order cut (fewer needed than there are)."""
+    u = tl.program_id(0)
+    bins = tl.arange(0, NBINS)
+    h = tl.load(hist_ptr + u * NBINS + bins)
+    k_all = tl.load(k_ptr + u)
+    if FIRST:
+        k = k_all
+    else:
+        k = tl.load(st_ptr + U1 + u)
+    above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # count(digit >= bin)
+    b = tl.maximum(tl.sum((above >= k).to(tl.int32), axis=0) - 1, 0)
+    at_b = tl.sum(tl.where(bins == b, h, 0), axis=0)
+    above_b = tl.sum(tl.where(bins == b, above, 0), axis=0)
+    k = k - (above_b - at_b)
+    if FIRST:
+        pre = (b - NBINS // 2).to(tl.int64)
+    else:
+        pre = (tl.load(st_ptr + u) << WIDTH) | b
+    tl.store(st_ptr + u, pre)
+    tl.store(st_ptr + U1 + u, k)
+    if LAST:
+        tl.store(st_ptr + 2 * U1 + u, tl.where(k_all > 0, pre, 2147483647))
+        tl.store(st_ptr + 3 * U1 + u, ((k_all > 0) & (k < at_b)).to(tl.int64))
+
+
+@triton.jit
+def _tie_count_kernel(tab, blk, keys_ptr, st_ptr, cnt_ptr, U, U1, SPAN: tl.constexpr, BLOCK: tl.constexpr):
+    """cnt[pid] = keys equal to t[unit] in this program's range, for units whose ties need a cut."""
     pid = tl.program_id(0)
     piece = tl.load(blk + pid * 2)
-    start = tl.load(blk + pid * 2 + 1)
     n = tl.load(tab + piece * 7 + 4)
     off = tl.load(tab + piece * 7 + 5)
     unit = tl.load(tab + piece * 7 + 6)
-    t = tl.load(t_ptr + tl.maximum(unit, 0))
-    c = 0
-    for i in range(0, SPAN, BLOCK):
-        idx = start + i + tl.arange(0, BLOCK)
-        key = tl.load(keys_ptr + off + idx, mask=idx < n, other=0)
-        c += tl.sum(((idx < n) & (key == t) & (unit >= 0)).to(tl.int32), axis=0)
-    tl.store(cnt_ptr + pid, c)
-
-
-@triton.jit
-def _resolve_kernel(tab, blk, keys_ptr, t_ptr, cnt_ptr, base_ptr, take_ptr, SPAN: tl.constexpr, BLOCK: tl.constexpr):
-    """Ties of a piece ranked in index order: rank = (ties in earlier programs of the piece:
-    base) + running in-block cumsum.  A tie of rank > take[piece] drops to t - 1."""
-    pid = tl.program_id(0)
-    if tl.load(cnt_ptr + pid) == 0:
+    if unit >= U:
         return
+    if tl.load(st_ptr + 3 * U1 + unit) == 0:
+        return
+    t = tl.load(st_ptr + 2 * U1 + unit).to(tl.int32)
+    start, end, nfull = _span(blk, pid, n, SPAN, BLOCK)
+    c = 0
+    for i in range(0, nfull + 1):
+        idx = start + i * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(keys_ptr + off + idx, mask=idx < end, other=0)
+        c += tl.sum(((idx < end) & (key == t)).to(tl.int32), axis=0)
+    tl.store(cnt_ptr + pid, c.to(tl.int64))
+
+
+@triton.jit
+def _resolve_kernel(tab, blk, keys_ptr, st_ptr, base_ptr, U, U1, SPAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Ties at t ranked in index order over the unit (base: ties before this program, on all
+    ranks); those ranked above the K still needed drop to t - 1 (t > KEY_NAN: no wrap)."""
+    pid = tl.program_id(0)
     piece = tl.load(blk + pid * 2)
-    start = tl.load(blk + pid * 2 + 1)
     n = tl.load(tab + piece * 7 + 4)
     off = tl.load(tab + piece * 7 + 5)
     unit = tl.load(tab + piece * 7 + 6)
-    t = tl.load(t_ptr + tl.maximum(unit, 0))
-    take = tl.load(take_ptr + piece)
+    if unit >= U:
+        return
+    if tl.load(st_ptr + 3 * U1 + unit) == 0:
+        return
+    t = tl.load(st_ptr + 2 * U1 + unit).to(tl.int32)
+    take = tl.load(st_ptr + U1 + unit)
     rank0 = tl.load(base_ptr + pid)
-    for i in range(0, SPAN, BLOCK):
-        idx = start + i + tl.arange(0, BLOCK)
-        msk = idx < n
+    start, end, nfull = _span(blk, pid, n, SPAN, BLOCK)
+    for i in range(0, nfull + 1):
+        idx = start + i * BLOCK + tl.arange(0, BLOCK)
+        msk = idx < end
         key = tl.load(keys_ptr + off + idx, mask=msk, other=0)
-        tie = (msk & (key == t)).to(tl.int32)
-        rank = rank0 + tl.cumsum(tie, axis=0)  # 1-based rank of each tie within the piece
+        tie = (msk & (key == t)).to(tl.int64)
+        rank = rank0 + tl.cumsum(tie, axis=0)  # 1-based rank of each tie in the unit
         lose = (tie > 0) & (rank > take)
-        tl.store(keys_ptr + off + idx, key - lose.to(tl.int32), mask=msk)
+        tl.store(keys_ptr + off + idx, key - 1, mask=lose)
         rank0 += tl.sum(tie, axis=0)
 
 
+# ------------------------------------------------------------------------------- apply
 @triton.jit
-def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, bc1, bc1_s, bc2, bc2_s, step, step_s, lr, lr_s,
-                  b1, one_m_b1, b2, one_m_b2, eps, wd, decay_c, alpha, gamma, t_const,
-                  P_T: tl.constexpr, G_T: tl.constexpr, S_T: tl.constexpr,
-                  LION: tl.constexpr, AUTHORS: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr,
-                  HAS_DENOM: tl.constexpr, BC_TAB: tl.constexpr, STEP_TAB: tl.constexpr, LR_TAB: tl.constexpr,
-                  HAS_WD: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr):
-    """phi = alpha if key >= t else gamma (/ denom[unit]); u from the state (CAUTIOUS: the
-    moments move here first and key = key(u*g), t = t_const); p *= 1 - lr*wd (both conventions);
-    p -= step * (phi * u); Lion: m = b2*m + (1-b2)*g last."""
+def _apply_block(idx, msk, pp, gp, mp, vp, kp, t, a, c, st, decay, c1, c2, b1, one_m_b1, b2, one_m_b2, eps, t_const,
+                 P_T: tl.constexpr, S_T: tl.constexpr, LION: tl.constexpr, AUTHORS: tl.constexpr,
+                 MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr, HAS_WD: tl.constexpr, MASKED: tl.constexpr):
+    m = _ld(mp, idx, msk, MASKED).to(tl.float32)
+    if LION or CAUTIOUS:
+        g = _ld(gp, idx, msk, MASKED).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+    if LION:
+        u = _lion_u(g, m, b1, one_m_b1)
+    else:
+        v = _ld(vp, idx, msk, MASKED).to(tl.float32)
+        if CAUTIOUS:  # the moments move here (no score pass)
+            m, v = _moments(g, m, v, b1, one_m_b1, b2, one_m_b2)
+            m = _cast(m, S_T)
+            v = _cast(v, S_T)
+            _st(mp, idx, m, msk, MASKED)
+            _st(vp, idx, v, msk, MASKED)
+            m = m.to(tl.float32)
+            v = v.to(tl.float32)
+        u = _adamw_u(m, v, c1, c2, eps, AUTHORS)
+    if CAUTIOUS:
+        phi = tl.where(_to_key(u * g) >= t_const, a, c)
+    else:
+        phi = tl.where(_ld(kp, idx, msk, MASKED) >= t, a, c)
+    p = _ld(pp, idx, msk, MASKED).to(tl.float32)
+    if HAS_WD:  # decoupled decay first (both conventions), rounded to the param dtype as torch does
+        p = _cast(p * decay, P_T).to(tl.float32)
+    p = p - (u * phi) * st
+    _st(pp, idx, _cast(p, P_T), msk, MASKED)
+    if LION:  # m = b2*m + (1-b2)*g after the step
+        _st(mp, idx, _cast(tl.fma(one_m_b2, g, m * b2), S_T), msk, MASKED)
+
+
+@triton.jit
+def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, sc_ptr, lr_ptr, c1, c2, st, decay,
+                  b1, one_m_b1, b2, one_m_b2, eps, wd, alpha, gamma, t_const, U,
+                  P_T: tl.constexpr, G_T: tl.constexpr, S_T: tl.constexpr, LION: tl.constexpr,
+                  AUTHORS: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr, HAS_DENOM: tl.constexpr,
+                  SC_TAB: tl.constexpr, STEP_TAB: tl.constexpr, LR_DEV: tl.constexpr, HAS_WD: tl.constexpr,
+                  ALIGNED: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr):
+    """phi = alpha if key >= t[unit] else gamma (padding: gamma; / denom[unit]); u from the
+    state (CAUTIOUS: the moments move here first and phi from key(u*g) >= t_const);
+    p *= 1 - lr*wd; p -= step * (phi * u); Lion: m = b2*m + (1-b2)*g last."""
     pid = tl.program_id(0)
     piece = tl.load(blk + pid * 2)
-    start = tl.load(blk + pid * 2 + 1)
-    pa, ga, s0a, s1a, n, off, unit = _piece_row(tab, piece)
-    pp = pa.to(tl.pointer_type(P_T))
-    gp = ga.to(tl.pointer_type(G_T))
-    mp = s0a.to(tl.pointer_type(S_T))
-    vp = s1a.to(tl.pointer_type(S_T))
-    c1 = _scalar(bc1, bc1_s, piece, BC_TAB)
-    c2 = _scalar(bc2, bc2_s, piece, BC_TAB)
-    st = _scalar(step, step_s, piece, STEP_TAB)
-    if LR_TAB:  # lr on the device: 1 - lr*wd in fp32, as torch computes it from a tensor lr
-        decay = 1.0 - _scalar(lr, lr_s, piece, LR_TAB) * wd
-    else:  # python lr: 1 - lr*wd in double on the host, rounded once (as torch's scalar)
-        decay = decay_c
+    pa, ga, s0a, s1a, n, off, unit = _row(tab, piece)
+    pp = _ptr(pa, P_T, ALIGNED)
+    gp = _ptr(ga, G_T, ALIGNED)
+    mp = _ptr(s0a, S_T, ALIGNED)
+    vp = _ptr(s1a, S_T, ALIGNED)
+    if ALIGNED:
+        off = tl.multiple_of(off, 4)
+    kp = keys_ptr + off
+    if SC_TAB:  # per piece: bias corrections and step size
+        c1 = tl.load(sc_ptr + piece * 4)
+        c2 = tl.load(sc_ptr + piece * 4 + 1)
+        if STEP_TAB:
+            st = tl.load(sc_ptr + piece * 4 + 2)
+    if LR_DEV:  # lr on the device (capturable): 1 - lr*wd in fp32, as torch computes it from a tensor lr
+        lr = tl.load(lr_ptr)
+        decay = 1.0 - lr * wd
+        if not STEP_TAB:
+            st = lr
     if CAUTIOUS:
         t = t_const
     else:
-        t = tl.load(t_ptr + tl.maximum(unit, 0))
+        t = tl.load(t_ptr + unit)
     a = alpha
     c = gamma
     if HAS_DENOM:
-        d = tl.load(denom_ptr + tl.maximum(unit, 0)).to(tl.float32)
+        d = tl.load(denom_ptr + unit)
         a = tl.math.div_rn(a, d)
         c = tl.math.div_rn(c, d)
-    for i in range(0, SPAN, BLOCK):
-        idx = start + i + tl.arange(0, BLOCK)
-        msk = idx < n
-        g = tl.load(gp + idx, mask=msk, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        m = tl.load(mp + idx, mask=msk, other=0.0).to(tl.float32)
-        if LION:
-            u = _lion_u(g, m, b1, one_m_b1)
-        else:
-            v = tl.load(vp + idx, mask=msk, other=0.0).to(tl.float32)
-            if CAUTIOUS:
-                m = _cast(tl.fma(one_m_b1, g, m * b1), S_T)
-                v = _cast(tl.fma(one_m_b2 * g, g, v * b2), S_T)
-                tl.store(mp + idx, m, mask=msk)
-                tl.store(vp + idx, v, mask=msk)
-                m = m.to(tl.float32)
-                v = v.to(tl.float32)
-            u = _adamw_u(m, v, c1, c2, eps, AUTHORS)
-        if CAUTIOUS:
-            key = _to_key(u * g)
-        else:
-            key = tl.load(keys_ptr + off + idx, mask=msk, other=0)
-        phi = tl.where((key >= t) & (unit >= 0), a, c)
-        p = tl.load(pp + idx, mask=msk, other=0.0).to(tl.float32)
-        if HAS_WD:
-            p = _cast(p * decay, P_T).to(tl.float32)
-        p = p - (u * phi) * st
-        tl.store(pp + idx, _cast(p, P_T), mask=msk)
-        if LION:
-            tl.store(mp + idx, _cast(tl.fma(one_m_b2, g, m * b2), S_T), mask=msk)
+    if unit >= U:
+        a = c  # padding: never selected
+    start, end, nfull = _span(blk, pid, n, SPAN, BLOCK)
+    for i in range(0, nfull):
+        idx = _idx(start, i, BLOCK, ALIGNED)
+        _apply_block(idx, idx < end, pp, gp, mp, vp, kp, t, a, c, st, decay, c1, c2, b1, one_m_b1, b2, one_m_b2,
+                     eps, t_const, P_T, S_T, LION, AUTHORS, MAXIMIZE, CAUTIOUS, HAS_WD, False)
+    idx = start + nfull * BLOCK + tl.arange(0, BLOCK)
+    _apply_block(idx, idx < end, pp, gp, mp, vp, kp, t, a, c, st, decay, c1, c2, b1, one_m_b1, b2, one_m_b2,
+                 eps, t_const, P_T, S_T, LION, AUTHORS, MAXIMIZE, CAUTIOUS, HAS_WD, True)
 
 
 # ------------------------------------------------------------------------------- backend
@@ -299,17 +433,17 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 class TritonCUDA(TorchOps):
     """See the module doc.  ``span``: elements per program; ``block``: elements per loop
-    iteration (a power of two)."""
+    iteration (a power of two, at least 4)."""
 
     name = "triton"
 
-    def __init__(self, span: int = 1 << 14, block: int = 1024):
+    def __init__(self, span: int = 1 << 15, block: int = 1024):
         super().__init__(foreach=True)
-        if block <= 0 or block & (block - 1) or span % block:
-            raise ValueError(f"block must be a power of two dividing span, got block={block}, span={span}")
+        if block < 4 or block & (block - 1) or span % block:
+            raise ValueError(f"block must be a power of two >= 4 dividing span, got block={block}, span={span}")
         self.span, self.block = span, block
 
-    # -- host tables ----------------------------------------------------------------------
+    # -- host tables (built from the plan once, cached in chunk.cache) ---------------------
     def _ours(self, rule, chunk, bufs) -> bool:
         """Rules and dtypes the kernels handle: AdamW / Lion, one float type each for the
         params, the grads and the states of the chunk, none of them float64."""
@@ -322,62 +456,68 @@ class TritonCUDA(TorchOps):
         }
         return all(len(v) == 1 and next(iter(v)) in _TL for v in ts.values())
 
-    def _blocks(self, chunk, device):
-        """Block table [n_blocks, 2] int64 (piece, start), block units, and each piece's
-        first block (cached per chunk)."""
-        key = ("triton_blocks", device, self.span)
+    def _static(self, chunk, device):
+        """Per chunk, once: block table [n_blocks, 2] (piece, start), per-unit K (and 0 for
+        the padding slot U), the tie-scan indices, and whether all scratch offsets are
+        16-byte aligned."""
+        key = ("triton", device, self.span)
         hit = chunk.cache.get(key)
         if hit is None:
-            rows, first = [], []
+            U = chunk.n_units
+            rows, piece_first = [], []
             for i, pc in enumerate(chunk.pieces):
-                first.append(len(rows))
+                piece_first.append(len(rows))
                 rows += [(i, s) for s in range(0, pc.length, self.span)]
-            unit = [chunk.pieces[i].unit if chunk.pieces[i].unit >= 0 else chunk.n_units for i, _ in rows]
+            n_slots = chunk.n_slots
+            blk_piece = [i for i, _ in rows]
+            slot_of = [chunk.pieces[i].slot if chunk.pieces[i].unit >= 0 else n_slots for i in blk_piece]
+            first_slot = []  # per slot, the first slot of its unit (slots are in unit order)
+            for s in range(n_slots):
+                new_unit = s == 0 or chunk.slot_unit[s - 1] != chunk.slot_unit[s]
+                first_slot.append(s if new_unit else first_slot[-1])
+            first_slot.append(n_slots)
+            t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
             hit = {
-                "blk": torch.tensor(rows or [(0, 0)], dtype=torch.int64, device=device).reshape(-1, 2),
+                "blk": t(rows or [(0, 0)]).reshape(-1, 2),
                 "n": len(rows),
-                "unit": torch.tensor(unit or [0], dtype=torch.int64, device=device),
-                "piece": torch.tensor([i for i, _ in rows] or [0], dtype=torch.int64, device=device),
-                "first": torch.tensor(first or [0], dtype=torch.int64, device=device),
+                "k": t(list(chunk.k) + [0]),
+                "blk_slot": t(slot_of or [n_slots]),
+                "blk_pfirst": t([piece_first[i] for i in blk_piece] or [0]),
+                "first_slot": t(first_slot),
+                "offs_aligned": all(pc.offset % 4 == 0 for pc in chunk.pieces),
+                "max1": torch.full((1,), _I32_MAX, dtype=torch.int32, device=device),
+                "one1": torch.ones(1, dtype=torch.float32, device=device),
             }
             chunk.cache[key] = hit
         return hit
 
     def _piece_table(self, rule, chunk, bufs, device, ptrs: bool):
         """[n_pieces, 7] int64: p, g, state0, state1 addresses, length, scratch offset, unit
-        (``ptrs=False``: addresses 0, for the phases that read the scratch only).  Cached in
-        ``chunk.cache`` by the addresses: a new host-to-device copy only when a buffer moves."""
+        (U for padding); ``ptrs=False``: addresses 0, for the selection kernels.  Cached by the
+        addresses: a moved buffer (``zero_grad(set_to_none=True)``) costs one pinned,
+        non-blocking host-to-device copy, never a device synchronisation.  Also returns whether
+        every address is 16-byte aligned."""
+        U = chunk.n_units
         rows, addr = [], []
         for pc in chunk.pieces:
             a = [0, 0, 0, 0]
             if ptrs:
                 ts = [bufs.params[pc.buf], bufs.grads[pc.buf]] + [bufs.states[s][pc.buf] for s in rule.state]
-                for j, t in enumerate(ts):
-                    a[j] = t.data_ptr() + pc.start * t.element_size()
+                for j, x in enumerate(ts):
+                    a[j] = x.data_ptr() + pc.start * x.element_size()
             addr += a
-            rows.append(a + [pc.length, pc.offset, pc.unit])
-        key = ("triton_tab", device, ptrs, tuple(addr))
+            rows.append(a + [pc.length, pc.offset, pc.unit if pc.unit >= 0 else U])
+        key = ("triton_tab", device, ptrs)
         hit = chunk.cache.get(key)
-        if hit is None:
-            stale = [k for k in chunk.cache if isinstance(k, tuple) and k[:3] == ("triton_tab", device, ptrs)]
-            for k in stale:
-                del chunk.cache[k]  # one table per chunk and kind: a moved buffer's table goes
-            hit = torch.tensor(rows, dtype=torch.int64, device=device)
+        if hit is None or hit[0] != addr:
+            host = torch.tensor(rows or [[0] * 7], dtype=torch.int64)
+            if device.type == "cuda":
+                tab = host.pin_memory().to(device, non_blocking=True)
+            else:
+                tab = host.to(device)
+            hit = (addr, tab, all(x % 16 == 0 for x in addr))
             chunk.cache[key] = hit
-        return hit
-
-    @staticmethod
-    def _scal(values, device):
-        """(arg, stride, is_table): one python float shared by all pieces -> the float itself;
-        otherwise a per-piece fp32 device table (0-d tensors are stacked on the device, no
-        host read; a single 0-d tensor is read with stride 0)."""
-        if all(not isinstance(v, Tensor) for v in values) and len(set(values)) <= 1:
-            return (float(values[0]) if values else 0.0), 0, False
-        if len(values) > 0 and all(v is values[0] for v in values) and isinstance(values[0], Tensor):
-            return values[0].to(device=device, dtype=torch.float32).reshape(1), 0, True
-        ts = [v.to(device=device, dtype=torch.float32).reshape(()) if isinstance(v, Tensor)
-              else torch.full((), v, dtype=torch.float32, device=device) for v in values]
-        return torch.stack(ts), 1, True
+        return hit[1], hit[2]
 
     @staticmethod
     def _consts(rule, hp):
@@ -392,118 +532,137 @@ class TritonCUDA(TorchOps):
         return (_TL[bufs.params[pc.buf].dtype], _TL[bufs.grads[pc.buf].dtype],
                 _TL[bufs.states[rule.state[0]][pc.buf].dtype])
 
+    def _scalars(self, hp, chunk, bufs, device):
+        """Bias corrections and step sizes: kernel arguments when they are python floats
+        equal over the chunk (the usual case), else a per-piece fp32 table [n_pieces, 4]
+        (bc1, bc2, step size, -) made in one op (device tensors: capturable, CUDA graphs)."""
+        bc1 = [bufs.bc1[pc.buf] for pc in chunk.pieces]
+        bc2 = [bufs.bc2[pc.buf] for pc in chunk.pieces]
+        lr = hp["lr"]
+        if isinstance(lr, Tensor) and lr.device.type == "cpu":
+            lr = float(lr)  # a host value: no device read
+        lr_dev = isinstance(lr, Tensor)
+        tensors = any(isinstance(x, Tensor) for x in bc1 + bc2)
+        steps = None if lr_dev else step_sizes(dict(hp, lr=lr), {"bc1": bc1, "bc2": bc2}, chunk)
+        if not tensors and len(set(bc1)) <= 1 and len(set(bc2)) <= 1 and (steps is None or len(set(steps)) <= 1):
+            return dict(sc_ptr=None, c1=float(bc1[0]) if bc1 else 1.0, c2=float(bc2[0]) if bc2 else 1.0,
+                        st=float(steps[0]) if steps else 0.0, SC_TAB=False, STEP_TAB=False, lr=lr, lr_dev=lr_dev)
+        if tensors or lr_dev:
+            # device values: bc1, bc2 stacked on the device (one op); the authors' step size from them
+            def one(x):
+                if isinstance(x, Tensor):
+                    return x.reshape(()).to(device=device, dtype=torch.float32)
+                return torch.full((), float(x), dtype=torch.float32, device=device)
+
+            P = len(bc1)
+            sc = torch.stack([one(x) for x in bc1 + bc2]).view(2, P).t()  # one op for all pieces
+            authors = hp.get("convention", "torch") == "authors" and hp.get("correct_bias", True) \
+                and "exp_avg_sq" in hp.get("state", ())
+            lr_t = lr if lr_dev else torch.tensor(float(lr), dtype=torch.float32, device=device)
+            step = lr_t * sc[:, 1].sqrt() / sc[:, 0] if authors else lr_t.expand(len(bc1))
+            sc = torch.cat([sc, step[:, None], torch.zeros_like(step)[:, None]], 1).contiguous()
+        else:
+            sc = torch.tensor([[a, b, s, 0.0] for a, b, s in zip(bc1, bc2, steps)], dtype=torch.float32).to(device)
+        return dict(sc_ptr=sc, c1=1.0, c2=1.0, st=0.0, SC_TAB=True, STEP_TAB=True, lr=lr, lr_dev=lr_dev)
+
     # -- phase 1 ----------------------------------------------------------------------------
     def score(self, rule, hp, chunk, bufs, scratch):
-        if not self._ours(rule, chunk, bufs):
+        if not self._ours(rule, chunk, bufs) or scratch.dtype != torch.float32:
             return super().score(rule, hp, chunk, bufs, scratch)
         dev = scratch.device
-        tab = self._piece_table(rule, chunk, bufs, dev, True)
-        b = self._blocks(chunk, dev)
-        nb = 1 << radix_widths(32)[0]
-        hist = torch.empty(b["n"], nb, dtype=torch.int32, device=dev)
-        bc1, s1, t1 = self._scal([bufs.bc1[pc.buf] for pc in chunk.pieces], dev)
-        bc2, s2, t2 = self._scal([bufs.bc2[pc.buf] for pc in chunk.pieces], dev)
+        stat = self._static(chunk, dev)
+        tab, aligned = self._piece_table(rule, chunk, bufs, dev, True)
+        topk = hp.get("mode", "topk") == "topk"
+        work = self._work(chunk, dev) if topk else None
+        sc = self._scalars(hp, chunk, bufs, dev)
         _, G_T, S_T = self._dtypes(rule, chunk, bufs)
-        if t1 != t2:  # one flag for both: make both tables
-            (bc1, s1, t1), (bc2, s2, t2) = (self._table(bc1, s1, t1, dev), self._table(bc2, s2, t2, dev))
-        if not b["n"]:
-            return self._reduce(chunk, b, hist)
-        _score_kernel[(b["n"],)](
-            tab, b["blk"], scratch.view(torch.int32), hist, bc1, s1, bc2, s2,
-            G_T=G_T, S_T=S_T, BC_TAB=t1, SPAN=self.span, BLOCK=self.block, NB=nb,
-            enable_fp_fusion=False, **self._consts(rule, hp))
-        return self._reduce(chunk, b, hist)
+        if stat["n"]:
+            _score_kernel[(stat["n"],)](
+                tab, stat["blk"], scratch.view(torch.int32), work if topk else tab,
+                sc["sc_ptr"] if sc["SC_TAB"] else tab, sc["c1"], sc["c2"], U=chunk.n_units,
+                G_T=G_T, S_T=S_T, SC_TAB=sc["SC_TAB"], HIST=topk, ALIGNED=aligned and stat["offs_aligned"],
+                SPAN=self.span, BLOCK=self.block, NBINS=NB, SHIFT0=_SHIFTS[0],
+                enable_fp_fusion=False, **self._consts(rule, hp))
+        return work
 
-    @staticmethod
-    def _table(arg, stride, is_tab, dev):
-        if is_tab:
-            return arg, stride, True
-        return torch.full((1,), arg, dtype=torch.float32, device=dev), 0, True
-
-    @staticmethod
-    def _reduce(chunk, b, hist):
-        """Per-program histograms -> per unit (padding programs land in the dropped row)."""
-        # int32 sums (a chunk holds < 2**31 elements): no int64 copy of the per-program rows
-        out = torch.zeros(chunk.n_units + 1, hist.shape[1], dtype=torch.int32, device=hist.device)
-        out.index_add_(0, b["unit"][: b["n"]], hist)
-        return out[: chunk.n_units].to(torch.int64)
+    def _work(self, chunk, device) -> Tensor:
+        """One zeroed int64 buffer per step: 3 histograms [U+1, NB], the state [4, U+1], the
+        tie counts [n_blocks]: one fill for all of phase 2's scratch."""
+        U1 = chunk.n_units + 1
+        n = self._static(chunk, device)["n"]
+        return torch.zeros(3 * U1 * NB + _ST_ROWS * U1 + max(n, 1), dtype=torch.int64, device=device)
 
     # -- phase 2 ----------------------------------------------------------------------------
-    def histogram(self, chunk, keys, prefix, p):
-        if keys.dtype != torch.int32 or p == 0 or not chunk.pieces:
-            return super().histogram(chunk, keys, prefix, p)
-        widths = radix_widths(32)
+    def select(self, chunk, keys, hist0):
+        """AIR-style radix select of every unit of the chunk at once (see the module doc).
+        Taken for every int32-key chunk, also when this rank holds none of the chunk's pieces
+        or another backend scored it (Muon): the same collectives on every rank."""
+        if keys.dtype != torch.int32:
+            return super().select(chunk, keys, hist0)
         dev = keys.device
-        tab = self._piece_table(None, chunk, None, dev, False)
-        b = self._blocks(chunk, dev)
-        hist = torch.empty(b["n"], 1 << widths[p], dtype=torch.int32, device=dev)
-        if b["n"]:
-            _hist_kernel[(b["n"],)](tab, b["blk"], keys, prefix.to(torch.int64), hist,
-                                    SHIFT=32 - sum(widths[: p + 1]), WIDTH=widths[p], SPAN=self.span, BLOCK=self.block)
-        return self._reduce(chunk, b, hist)
-
-    def _block_ties(self, chunk, keys, t_key):
-        dev = keys.device
-        tab = self._piece_table(None, chunk, None, dev, False)
-        b = self._blocks(chunk, dev)
-        cnt = torch.zeros(max(b["n"], 1), dtype=torch.int32, device=dev)
-        if b["n"]:
-            _tie_count_kernel[(b["n"],)](tab, b["blk"], keys, t_key.to(torch.int32), cnt,
-                                         SPAN=self.span, BLOCK=self.block)
-        return tab, b, cnt
-
-    def tie_counts(self, chunk, keys, t_key):
-        if keys.dtype != torch.int32 or not chunk.pieces:
-            return super().tie_counts(chunk, keys, t_key)
-        _, b, cnt = self._block_ties(chunk, keys, t_key)
-        out = torch.zeros(len(chunk.pieces), dtype=torch.int64, device=keys.device)
-        return out.index_add_(0, b["piece"][: b["n"]], cnt[: b["n"]].to(torch.int64))
-
-    def resolve_ties(self, chunk, keys, t_key, take):
-        if keys.dtype != torch.int32 or not chunk.pieces:
-            return super().resolve_ties(chunk, keys, t_key, take)
-        tab, b, cnt = self._block_ties(chunk, keys, t_key)
-        if not b["n"]:
-            return
-        # exclusive scan of the per-program counts, restarted at each piece's first program
-        c64 = cnt[: b["n"]].to(torch.int64)
-        excl = torch.cumsum(c64, 0) - c64
-        base = excl - excl.index_select(0, b["first"]).index_select(0, b["piece"][: b["n"]])
-        _resolve_kernel[(b["n"],)](tab, b["blk"], keys, t_key.to(torch.int32), cnt, base, take.to(torch.int64),
-                                   SPAN=self.span, BLOCK=self.block)
+        U, U1 = chunk.n_units, chunk.n_units + 1
+        stat = self._static(chunk, dev)
+        work = hist0 if hist0 is not None else self._work(chunk, dev)
+        hists = work[: 3 * U1 * NB].view(3, U1, NB)
+        st = work[3 * U1 * NB: 3 * U1 * NB + _ST_ROWS * U1]
+        cnt = work[3 * U1 * NB + _ST_ROWS * U1:]
+        tab, _ = self._piece_table(None, chunk, None, dev, False)
+        run = stat["n"] > 0 and bool(chunk.pieces)
+        aligned = stat["offs_aligned"]
+        common = dict(SPAN=self.span, BLOCK=self.block, NBINS=NB)
+        for p, (shift, width) in enumerate(zip(_SHIFTS, WIDTHS)):
+            if run and (p > 0 or hist0 is None):
+                _pass_kernel[(stat["n"],)](tab, stat["blk"], keys, st, stat["k"], hists[p], U,
+                                           FIRST=p == 0, SHIFT=shift, WIDTH=width, ALIGNED=aligned, **common)
+            if chunk.split:
+                all_reduce_sum(hists[p], chunk.group)
+            _digit_kernel[(U1,)](hists[p], st, stat["k"], U1, FIRST=p == 0, LAST=p == len(WIDTHS) - 1,
+                                 WIDTH=width, NBINS=NB)
+        # ties at t that need a cut: ranked in index order over all ranks' pieces of the unit
+        if run:
+            _tie_count_kernel[(stat["n"],)](tab, stat["blk"], keys, st, cnt, U, U1, SPAN=self.span, BLOCK=self.block)
+        nb = max(stat["n"], 1)
+        c = cnt[:nb]
+        slots = torch.zeros(chunk.n_slots + 1, dtype=torch.int64, device=dev).index_add_(0, stat["blk_slot"], c)
+        if chunk.split:
+            all_reduce_sum(slots, chunk.group)
+        s_excl = slots.cumsum(0) - slots
+        before_slot = s_excl - s_excl.index_select(0, stat["first_slot"])  # ties in earlier slots of the unit
+        b_excl = c.cumsum(0) - c
+        base = before_slot.index_select(0, stat["blk_slot"]) + b_excl - b_excl.index_select(0, stat["blk_pfirst"])
+        if run:
+            _resolve_kernel[(stat["n"],)](tab, stat["blk"], keys, st, base, U, U1, SPAN=self.span, BLOCK=self.block)
+        return st[2 * U1: 2 * U1 + U].to(torch.int32)
 
     # -- phase 3 ----------------------------------------------------------------------------
     def _launch_apply(self, rule, hp, chunk, bufs, keys, t_key, denom, t_const, cautious):
         dev = bufs.params[chunk.pieces[0].buf].device
-        tab = self._piece_table(rule, chunk, bufs, dev, True)
-        b = self._blocks(chunk, dev)
-        if not b["n"]:
+        stat = self._static(chunk, dev)
+        if not stat["n"]:
             return
-        bc1s = [bufs.bc1[pc.buf] for pc in chunk.pieces]
-        bc2s = [bufs.bc2[pc.buf] for pc in chunk.pieces]
-        lr = hp["lr"]
-        steps = step_sizes(hp, {"bc1": bc1s, "bc2": bc2s}, chunk)  # lr_eff per piece, as TorchOps
-        bc1 = self._table(*self._scal(bc1s, dev), dev)
-        bc2 = self._table(*self._scal(bc2s, dev), dev)
-        st = self._scal(list(steps), dev)
-        lr_ = self._scal([lr], dev)
+        tab, aligned = self._piece_table(rule, chunk, bufs, dev, True)
+        sc = self._scalars(hp, chunk, bufs, dev)
         P_T, G_T, S_T = self._dtypes(rule, chunk, bufs)
         wd = float(hp["weight_decay"])
-        dummy = keys if keys is not None else tab
-        _apply_kernel[(b["n"],)](
-            tab, b["blk"], dummy, t_key if t_key is not None else dummy,
-            denom.to(torch.float32) if denom is not None else dummy,
-            bc1[0], bc1[1], bc2[0], bc2[1], st[0], st[1], lr_[0], lr_[1],
-            wd=wd, decay_c=0.0 if lr_[2] else 1 - lr * wd,
-            alpha=float(hp["alpha"]), gamma=float(hp["gamma"]), t_const=int(t_const),
+        lr = sc["lr"]
+        # per unit, and for the padding slot U: t = the int32 maximum (never selected), denom = 1
+        t_tab = torch.cat([t_key.to(torch.int32), stat["max1"]]) if t_key is not None else tab
+        d_tab = torch.cat([denom.to(torch.float32), stat["one1"]]) if denom is not None else tab
+        _apply_kernel[(stat["n"],)](
+            tab, stat["blk"], keys if keys is not None else tab, t_tab, d_tab,
+            sc["sc_ptr"] if sc["SC_TAB"] else tab, lr if sc["lr_dev"] else tab,
+            sc["c1"], sc["c2"], sc["st"] if not sc["lr_dev"] else 0.0,
+            0.0 if sc["lr_dev"] else 1 - lr * wd,
+            wd=wd, alpha=float(hp["alpha"]), gamma=float(hp["gamma"]), t_const=int(t_const), U=chunk.n_units,
             P_T=P_T, G_T=G_T, S_T=S_T, CAUTIOUS=cautious, HAS_DENOM=denom is not None,
-            BC_TAB=True, STEP_TAB=st[2], LR_TAB=lr_[2], HAS_WD=wd != 0,
+            SC_TAB=sc["SC_TAB"], STEP_TAB=sc["STEP_TAB"], LR_DEV=sc["lr_dev"], HAS_WD=wd != 0,
+            ALIGNED=aligned and (cautious or stat["offs_aligned"]),
             SPAN=self.span, BLOCK=self.block, enable_fp_fusion=False, **self._consts(rule, hp))
 
     def apply(self, rule, hp, chunk, bufs, scratch, t_key, denom):
         if not self._ours(rule, chunk, bufs) or scratch.dtype != torch.float32:
             return super().apply(rule, hp, chunk, bufs, scratch, t_key, denom)
-        self._launch_apply(rule, hp, chunk, bufs, scratch.view(torch.int32), t_key.to(torch.int32), denom, 0, False)
+        self._launch_apply(rule, hp, chunk, bufs, scratch.view(torch.int32), t_key, denom, 0, False)
 
     def cautious(self, rule, hp, chunk, bufs, t_const: int) -> bool:
         if not self._ours(rule, chunk, bufs):
