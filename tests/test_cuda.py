@@ -46,9 +46,11 @@ def test_float64_matches_reference(rule):
             torch.testing.assert_close(p.cpu(), c, rtol=0, atol=1e-12)
 
 
-def test_selection_primitives_bitwise_equal_to_cpu_on_same_keys():
-    """fp32 keys with many ties, +-0 and NaN: the Triton histograms, tie counts and tie
-    resolution on CUDA equal TorchOps on CPU, bit for bit."""
+def test_select_on_cuda_equals_the_generic_select_on_cpu():
+    """fp32 keys with many ties, +-0 and NaN, tensors over several programs: the Triton
+    select (compiled, on CUDA) gives the thresholds and resolved keys of the generic radix
+    select of the torch-ops backend on the CPU, bit for bit."""
+    from mgup_dist import selection
     from mgup_dist.kernels.base import KEY_NAN, key_of
     from mgup_dist.kernels.torch_ops import TorchOps
     from mgup_dist.kernels.triton_cuda import TritonCUDA
@@ -56,31 +58,37 @@ def test_selection_primitives_bitwise_equal_to_cpu_on_same_keys():
     from mgup_dist.plan import build_plan
 
     gen = torch.Generator().manual_seed(1)
-    sizes = [100_000, 1, 0, 40_000, 3]
+    sizes = [100_000, 1, 0, 40_000, 3, 300_000]
     ts = [torch.randn(n, generator=gen) for n in sizes]
-    chunk_cpu = build_plan([whole_layout(t, i) for i, t in enumerate(ts)], "tensor", 0.3).chunks[0]
-    chunk_gpu = build_plan([whole_layout(t, i) for i, t in enumerate(ts)], "tensor", 0.3).chunks[0]
-    vals = torch.randn(chunk_cpu.numel, generator=gen).round(decimals=1)  # many ties
-    vals[::11] = 0.0
-    vals[5::13] = -0.0
-    vals[7::101] = float("nan")
-    keys = key_of(vals, torch.int32)
-    assert int((keys == KEY_NAN(torch.int32)).sum()) > 0
-    cpu, gpu = TorchOps(), TritonCUDA()
-    kc, kg = keys.clone(), keys.to(DEV)
-    U = chunk_cpu.n_units
-    t_key = keys[torch.tensor([p.offset + p.length // 2 for p in chunk_cpu.pieces if p.length][:U])].to(torch.int32)
-    assert torch.equal(gpu.histogram(chunk_gpu, kg, None, 0).cpu(), cpu.histogram(chunk_cpu, kc, None, 0))
-    for p, shift in ((1, 20), (2, 10)):
-        prefix = t_key.to(torch.int64) >> shift
-        want = cpu.histogram(chunk_cpu, kc, prefix, p)
-        assert torch.equal(gpu.histogram(chunk_gpu, kg, prefix.to(DEV), p).cpu(), want)
-    ties = cpu.tie_counts(chunk_cpu, kc, t_key)
-    assert torch.equal(gpu.tie_counts(chunk_gpu, kg, t_key.to(DEV)).cpu(), ties)
-    take = ties // 2
-    cpu.resolve_ties(chunk_cpu, kc, t_key, take)
-    gpu.resolve_ties(chunk_gpu, kg, t_key.to(DEV), take.to(DEV))
-    assert torch.equal(kg.cpu(), kc)
+    for ratio in (0.3, 0.5, 0.93):
+        chunk_cpu = build_plan([whole_layout(t, i) for i, t in enumerate(ts)], "tensor", ratio).chunks[0]
+        chunk_gpu = build_plan([whole_layout(t, i) for i, t in enumerate(ts)], "tensor", ratio).chunks[0]
+        vals = torch.randn(chunk_cpu.numel, generator=gen).round(decimals=1)  # many ties
+        vals[::11] = 0.0
+        vals[5::13] = -0.0
+        vals[7::101] = float("nan")
+        keys = key_of(vals, torch.int32)
+        assert int((keys == KEY_NAN(torch.int32)).sum()) > 0
+        kc, kg = keys.clone(), keys.to(DEV)
+        t_cpu = selection.threshold(TorchOps(), chunk_cpu, kc)
+        t_gpu = TritonCUDA().select(chunk_gpu, kg, None)
+        assert torch.equal(t_gpu.cpu(), t_cpu.to(torch.int32))
+        assert torch.equal(kg.cpu(), kc)
+
+
+def test_a_chunk_of_padding_only_and_nan_in_bf16():
+    """Padding that spills into a chunk of its own (no unit: every per-unit table is the padding
+    slot's) and a NaN gradient in bf16: the step runs, and NaN stays NaN (not +-0)."""
+    from mgup_dist.layout import Layout, Segment
+
+    p = torch.zeros(5000, device=DEV, dtype=torch.bfloat16)
+    p.grad = torch.randn(5000, device=DEV).to(torch.bfloat16)
+    p.grad[7] = float("nan")
+    opt = mgup_dist.MGUPAdamW([p], lr=1e-2, chunk_elems=1000)
+    opt.set_layout(p, Layout(segments=(Segment("a", 0, 1000, 0, 1000, (1000,)),), numel=5000))
+    opt.step()
+    assert torch.isnan(p[7]) and torch.isnan(opt.state[p]["exp_avg"][7])
+    assert torch.isfinite(p[1000:]).all() and (p[1000:] != 0).any()  # padding stepped with gamma
 
 
 @pytest.mark.parametrize("rule", ["adamw", "lion"])
@@ -145,7 +153,7 @@ def test_cuda_graph_replay_equals_eager(rule):
         ps = [torch.randn(s, generator=gen).to(DEV) for s in SHAPES]
         for p in ps:
             p.grad = torch.zeros_like(p)
-        return ps, _opt(rule, ps, lr=torch.tensor(1e-2, device=DEV))
+        return ps, _opt(rule, ps, lr=torch.tensor(1e-2, device=DEV), capturable=True)
 
     gen = torch.Generator().manual_seed(4)
     grads = [[torch.randn(s, generator=gen).to(DEV) for s in SHAPES] for _ in range(4)]
@@ -188,3 +196,18 @@ def test_bf16_params_follow_fp32_master_copy(rule):
     for p, q in zip(p32, p16):
         assert q.dtype == torch.bfloat16
         torch.testing.assert_close(q.float(), p, rtol=2e-2, atol=2e-2)
+
+
+def test_capture_without_capturable_is_refused():
+    """Without capturable=True the step counter is a CPU tensor and the bias corrections are
+    kernel arguments: a replay would reuse them for ever.  As torch's AdamW, refuse."""
+    p = torch.randn(100, device=DEV)
+    p.grad = torch.randn_like(p)
+    opt = mgup_dist.MGUPAdamW([p])
+    opt.step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable"):
+        with torch.cuda.stream(s), torch.cuda.graph(graph):
+            opt.step()

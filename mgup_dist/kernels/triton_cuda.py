@@ -119,9 +119,10 @@ def _row(tab, piece):
 
 @triton.jit
 def _ptr(addr, T: tl.constexpr, ALIGNED: tl.constexpr):
+    p = addr.to(tl.pointer_type(T))
     if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(tl.pointer_type(T))
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
@@ -134,10 +135,10 @@ def _span(blk, pid, n, SPAN: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _idx(start, i, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    base = start + i * BLOCK
+    idx = start + i * BLOCK + tl.arange(0, BLOCK)
     if ALIGNED:
-        base = tl.multiple_of(base, BLOCK)
-    return base + tl.arange(0, BLOCK)
+        idx = tl.max_contiguous(tl.multiple_of(idx, BLOCK), BLOCK)
+    return idx
 
 
 @triton.jit
