@@ -126,6 +126,18 @@ def _ptr(addr, T: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _program(tab, blk, keys_ptr, P_T: tl.constexpr, G_T: tl.constexpr, S_T: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's piece: its index, typed pointers to p, g, state0, state1 and its keys,
+    its length and unit."""
+    piece = tl.load(blk + tl.program_id(0) * 2)
+    pa, ga, s0a, s1a, n, off, unit = _row(tab, piece)
+    if ALIGNED:
+        off = tl.multiple_of(off, 4)
+    return (piece, _ptr(pa, P_T, ALIGNED), _ptr(ga, G_T, ALIGNED), _ptr(s0a, S_T, ALIGNED), _ptr(s1a, S_T, ALIGNED),
+            keys_ptr + off, n, unit)
+
+
+@triton.jit
 def _span(blk, pid, n, SPAN: tl.constexpr, BLOCK: tl.constexpr):
     """This program's range [start, end) of its piece and its count of whole BLOCKs."""
     start = tl.load(blk + pid * 2 + 1)
@@ -196,14 +208,7 @@ def _score_kernel(tab, blk, keys_ptr, hist_ptr, sc_ptr, c1, c2, b1, one_m_b1, b2
     """s = u*g per element (AdamW's moments updated in place), key(s) into the scratch, and
     (HIST) the histogram of the top key bits added to the unit's int64 row of ``hist``."""
     pid = tl.program_id(0)
-    piece = tl.load(blk + pid * 2)
-    pa, ga, s0a, s1a, n, off, unit = _row(tab, piece)
-    gp = _ptr(ga, G_T, ALIGNED)
-    mp = _ptr(s0a, S_T, ALIGNED)
-    vp = _ptr(s1a, S_T, ALIGNED)
-    if ALIGNED:
-        off = tl.multiple_of(off, 4)
-    kp = keys_ptr + off
+    piece, _, gp, mp, vp, kp, n, unit = _program(tab, blk, keys_ptr, G_T, G_T, S_T, ALIGNED)
     if SC_TAB:  # per-piece bias corrections (step counts differ, or device tensors)
         c1 = tl.load(sc_ptr + piece * 4)
         c2 = tl.load(sc_ptr + piece * 4 + 1)
@@ -387,15 +392,7 @@ def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, sc_ptr, lr_ptr, c1, c2, 
     state (CAUTIOUS: the moments move here first and phi from key(u*g) >= t_const);
     p *= 1 - lr*wd; p -= step * (phi * u); Lion: m = b2*m + (1-b2)*g last."""
     pid = tl.program_id(0)
-    piece = tl.load(blk + pid * 2)
-    pa, ga, s0a, s1a, n, off, unit = _row(tab, piece)
-    pp = _ptr(pa, P_T, ALIGNED)
-    gp = _ptr(ga, G_T, ALIGNED)
-    mp = _ptr(s0a, S_T, ALIGNED)
-    vp = _ptr(s1a, S_T, ALIGNED)
-    if ALIGNED:
-        off = tl.multiple_of(off, 4)
-    kp = keys_ptr + off
+    piece, pp, gp, mp, vp, kp, n, unit = _program(tab, blk, keys_ptr, P_T, G_T, S_T, ALIGNED)
     if SC_TAB:  # per piece: bias corrections and step size
         c1 = tl.load(sc_ptr + piece * 4)
         c2 = tl.load(sc_ptr + piece * 4 + 1)
