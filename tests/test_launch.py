@@ -305,6 +305,8 @@ def test_run_config_header_commands(cfg_name, standins):
         # The trainer accepts them (parse checks every value before any work) ...
         cfg = tcfg.parse([*train_args, "--device", "cpu"], world_size=world)
         assert cfg.dataset == "c4" and cfg.eval_tokens == 10_000_000 and cfg.packing == "pad"
+        # One run name per command: the file's `name:` would be shared by every optimizer run from it.
+        assert "--name" in train_args, words
         # ... and so does the optimizer class (the core's coming `convention` keyword aside).
         cls_name, kw = optimizer_spec(cfg)
         kw.pop("adamw_lr", None)
