@@ -172,3 +172,52 @@ def test_readme_shell_snippets_run(tmp_path):
                 pytest.fail(f"README shell line with no rule in tests/test_readme.py: {part}")
             done.append(part)
     assert any(d.startswith("mgup-dist train") for d in done) and any(d.startswith("pip install") for d in done)
+
+
+# --------------------------------------------------------------------------- docs/
+
+
+def _doc_commands():
+    """`mgup-dist CMD ...` and `python -m mgup_dist.MOD ...` lines in the code blocks of the docs."""
+    out = []
+    for f in [README, ROOT / "launch" / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = f.read_text()
+        for block in blocks(text, "bash") + blocks(text, ""):
+            for line in block.splitlines():
+                line = line.strip()
+                m = re.match(r"(?:for .*; do )?(mgup-dist \S+|python -m mgup_dist\.\S+)(.*?)(?:; done)?$", line)
+                if m:
+                    out.append((f.name, m.group(1), shlex.split(m.group(2), comments=True)))
+    return out
+
+
+def test_doc_commands_name_real_commands_and_flags():
+    cmds = _doc_commands()
+    assert {c[1] for c in cmds} >= {"mgup-dist train", "mgup-dist plot", "mgup-dist counterexample",
+                                    "python -m mgup_dist.bench", "python -m mgup_dist.opcount",
+                                    "python -m mgup_dist.bench_selection"}
+    helps = {}
+    for where, cmd, args in cmds:
+        if cmd not in helps:
+            argv = cmd.split()
+            argv = [sys.executable, "-m", "mgup_dist.cli", *argv[1:]] if argv[0] == "mgup-dist" else \
+                [sys.executable, *argv[1:]]
+            helps[cmd] = _run([*argv, "--help"], cwd=ROOT, timeout=300).stdout
+        for a in args:
+            if a.startswith("--"):
+                assert a.split("=")[0] in helps[cmd], f"{where}: {cmd} has no option {a}"
+
+
+def test_doc_code_blocks_are_well_formed():
+    import json
+
+    n = 0
+    for f in sorted(DOCS.glob("*.md")):
+        text = f.read_text()
+        for src in blocks(text, "python"):
+            compile(src, f"{f.name}:python", "exec")
+            n += 1
+        for src in blocks(text, "json"):
+            json.loads(src if src.lstrip().startswith("{") else "{" + src + "}")
+            n += 1
+    assert n >= 5
