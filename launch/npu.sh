@@ -6,8 +6,7 @@
 #   DRY_RUN=1 launch/npu.sh ...              # print the exact command, run nothing
 #
 # The training code asks mgup_dist.device for the device ("npu" -> torch_npu imported
-# lazily) and the backend ("hccl"); MGUP runs its foreach path there (torch_npu's fused
-# AdamW kernel has no input for MGUP's per-coordinate scale).
+# lazily) and the backend ("hccl"); MGUP runs its torch-ops backend there (docs/npu.md).
 #
 # Environment (defaults):
 #   ASCEND_RT_VISIBLE_DEVICES  NPUs to use, comma separated (0); one process each

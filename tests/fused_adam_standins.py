@@ -68,7 +68,7 @@ def _adam_step(opt, closure=None):
 
 
 class ApexFusedAdam(torch.optim.Optimizer):
-    """apex.optimizers.FusedAdam's constructor (the signature named in issue 10)."""
+    """apex.optimizers.FusedAdam's constructor and attributes."""
 
     def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8,
                  adam_w_mode=True, weight_decay=0., amsgrad=False, set_grad_none=True,

@@ -215,6 +215,47 @@ def test_slurm_deepspeed_pdsh_hostfile(tmp_path, standins):
     assert (work / "hostfile.4242").read_text() == "gpu3 slots=8\ngpu4 slots=8\ngpu5 slots=8\n"
 
 
+def test_deepspeed_sh_checks_the_device_count_before_starting(standins):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DRY_RUN", "NUM_GPUS", "CUDA_VISIBLE_DEVICES",
+                                                                       "HOSTFILE", "DEVICE_COUNT"))}
+    # More GPUs asked for than the node has: exit 2 with the numbers and what to run instead; deepspeed never starts.
+    e = dict(base, **standins.env(NUM_GPUS="2", DEVICE_COUNT="1"))
+    r = subprocess.run(["bash", str(LAUNCH / "deepspeed.sh"), "--steps", "1"], capture_output=True, text=True, env=e,
+                       timeout=60)
+    assert r.returncode == 2 and "2 device(s) asked for" in r.stderr and "finds 1" in r.stderr
+    assert "NPROC=2 launch/torchrun.sh --engine deepspeed" in r.stderr and "Traceback" not in r.stderr
+    assert standins.calls("deepspeed") == []
+    e = dict(base, **standins.env(CUDA_VISIBLE_DEVICES="0,1,2", DEVICE_COUNT="2"))
+    r = subprocess.run(["bash", str(LAUNCH / "deepspeed.sh")], capture_output=True, text=True, env=e, timeout=60)
+    assert r.returncode == 2 and "CUDA_VISIBLE_DEVICES=0,1,2" in r.stderr
+    # Enough devices: the launcher starts with the command DRY_RUN prints.
+    e = dict(base, **standins.env(NUM_GPUS="2", DEVICE_COUNT="2"))
+    r = subprocess.run(["bash", str(LAUNCH / "deepspeed.sh"), "--steps", "1"], capture_output=True, text=True, env=e,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    cmd, _ = dry("deepspeed.sh", "--steps", "1", env={"NUM_GPUS": "2"})
+    assert standins.calls("deepspeed")[-1]["argv"] == cmd[1:]
+    # Without DEVICE_COUNT the count is DeepSpeed's own: this machine's count is smaller than 64.
+    e = dict(base, **standins.env(NUM_GPUS="64"))
+    r = subprocess.run(["bash", str(LAUNCH / "deepspeed.sh")], capture_output=True, text=True, env=e, timeout=120)
+    assert r.returncode == 2 and "64 device(s) asked for" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("script", ["torchrun.sbatch", "deepspeed.sbatch"])
+def test_slurm_scripts_refuse_to_run_outside_an_allocation(script, tmp_path):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DRY_RUN"))}
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    # No allocation at all.
+    r = subprocess.run(["bash", str(LAUNCH / "slurm" / script)], capture_output=True, text=True, env=base, timeout=30)
+    assert r.returncode == 2 and "not inside a slurm allocation" in r.stderr and "sbatch --nodes" in r.stderr
+    # The variables set but no slurm tools on PATH: the same message, no 'command not found' / 'unbound variable'.
+    e = dict(base, SLURM_JOB_NODELIST="n[1-2]", SLURM_JOB_ID="7", PATH=f"{empty_bin}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    r = subprocess.run(["/bin/bash", str(LAUNCH / "slurm" / script)], capture_output=True, text=True, env=e, timeout=30)
+    assert r.returncode == 2 and "scontrol not found" in r.stderr
+    assert "unbound variable" not in r.stderr and "command not found" not in r.stderr
+
+
 def test_scripts_are_executable_and_strict():
     for f in [*LAUNCH.glob("*.sh"), *LAUNCH.glob("slurm/*.sbatch")]:
         text = f.read_text()
@@ -264,6 +305,8 @@ def test_run_config_header_commands(cfg_name, standins):
         # The trainer accepts them (parse checks every value before any work) ...
         cfg = tcfg.parse([*train_args, "--device", "cpu"], world_size=world)
         assert cfg.dataset == "c4" and cfg.eval_tokens == 10_000_000 and cfg.packing == "pad"
+        # One run name per command: the file's `name:` would be shared by every optimizer run from it.
+        assert "--name" in train_args, words
         # ... and so does the optimizer class (the core's coming `convention` keyword aside).
         cls_name, kw = optimizer_spec(cfg)
         kw.pop("adamw_lr", None)
@@ -289,3 +332,81 @@ def test_npu_config_optimizer_builds():
     opt = build_optimizer(torch.nn.Linear(4, 4), cfg)
     assert opt.param_groups[0]["eps"] == 1e-6
     assert opt.param_groups[0]["convention"] == "authors" and opt.param_groups[0]["gamma"] == 0.1
+
+
+# --------------------------------------------------------------------------- launch commands in the docs
+
+
+def fenced_blocks(text):
+    """(language, content) of every fenced code block of a Markdown text."""
+    out, lang, buf = [], None, []
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("```"):
+            if lang is None:
+                lang, buf = s[3:].strip(), []
+            else:
+                out.append((lang, "\n".join(buf) + "\n"))
+                lang = None
+        elif lang is not None:
+            buf.append(line)
+    return out
+
+
+def _doc_launch_commands():
+    """Launch commands in the code blocks of README.md, launch/README.md and docs/*.md:
+    '[ENV=V ...] [bash] launch/...' or 'sbatch ... launch/...'."""
+    out = []
+    for f in [ROOT / "README.md", LAUNCH / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for lang, block in fenced_blocks(f.read_text()):
+            if lang not in ("", "bash"):
+                continue
+            for line in block.splitlines():
+                if "launch/" not in line:
+                    continue
+                words = shlex.split(line, comments=True)
+                env = {}
+                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+                    k, v = words.pop(0).split("=", 1)
+                    env[k] = v
+                if words and words[0] == "bash":
+                    words = words[1:]
+                if words and (words[0].startswith("launch/") or words[0] == "sbatch"):
+                    out.append((f"{f.relative_to(ROOT)}: {line.strip()}", env, words))
+    return out
+
+
+DOC_COMMANDS = _doc_launch_commands()
+
+
+def test_docs_quote_launch_commands():
+    assert len(DOC_COMMANDS) >= 10
+    files = {c[0].split(":")[0] for c in DOC_COMMANDS}
+    assert {"README.md", "launch/README.md", "docs/training.md", "docs/npu.md"} <= files
+
+
+@pytest.mark.parametrize("where,env,words", DOC_COMMANDS, ids=[c[0] for c in DOC_COMMANDS])
+def test_doc_launch_command_dry_run(where, env, words, standins):
+    from mgup_dist.train import config as tcfg
+
+    env = dict(env)
+    env.pop("DRY_RUN", None)
+    world = int(env.get("NPROC", env.get("NUM_GPUS", len(env.get("ASCEND_RT_VISIBLE_DEVICES", "0").split(",")))))
+    if words[0] == "sbatch":
+        i = next(j for j, w in enumerate(words) if w.startswith("launch/"))
+        nodes = words[words.index("--nodes") + 1] if "--nodes" in words else "1"
+        env = dict(env, SLURM_JOB_NODELIST=f"n[1-{nodes}]", SLURM_JOB_NUM_NODES=nodes, SLURM_JOB_ID="1",
+                   SLURM_GPUS_ON_NODE="8")
+        words, world = words[i:], int(nodes) * 8
+    elif "SLURM_JOB_NODELIST" in env:
+        nodes = env.get("SLURM_JOB_NUM_NODES", "1")
+        env.setdefault("SLURM_GPUS_ON_NODE", "8")
+        world = int(nodes) * int(env["SLURM_GPUS_ON_NODE"])
+    cmd, _ = dry(words[0][len("launch/"):], *words[1:], env=standins.env(**env), cwd=ROOT)
+    train_args = cmd[cmd.index("mgup_dist.train") + 1:]
+    if "--engine" not in train_args and "--engine" in cmd:       # deepspeed.sh / npu.sh put it before
+        train_args = cmd[cmd.index("--engine"):]
+    cfg = tcfg.parse([*train_args, "--device", "cpu"], world_size=world)
+    # A command that trains from a config under a name of its own, so two optimizers never share a run.
+    if "--config" in train_args:
+        assert cfg.name and "--name" in train_args, where

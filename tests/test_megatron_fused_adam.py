@@ -1,4 +1,4 @@
-"""megatron-core 0.16 building apex's or Transformer Engine's FusedAdam (issue 10, point 3).
+"""megatron-core 0.16 building apex's or Transformer Engine's FusedAdam, replaced by MGUPAdamW.
 
 CI has neither apex nor TE (both need CUDA; apex is not on the package index), so
 tests/fused_adam_standins.py provides classes with their constructors and attributes:

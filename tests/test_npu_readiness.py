@@ -1,4 +1,4 @@
-"""Issue 14: what would break on Ascend NPUs / accelerators, checked on the CPU.
+"""What would break on Ascend NPUs / accelerators, checked on the CPU.
 
 * every collective on the recipe path carries a dtype hccl accepts (a real 2-process gloo
   training run with torch.distributed's collectives wrapped to refuse any other dtype);

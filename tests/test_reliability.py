@@ -1,7 +1,7 @@
-"""Issue 12, the training recipe: checkpoint integrity and fallback, metrics history,
-resume with changed settings, non-finite gradient steps, and the CLI's bad inputs.
-Each case failed (crash, silent load of a corrupt file, lost history, silently ignored
-setting) before the manifest / skip / validation code."""
+"""The training recipe's reliability: checkpoint integrity and fallback, metrics history,
+resume with changed settings, non-finite gradient steps, and the CLI's bad inputs: each
+case must end in a fallback, a skip or a clear error, never a crash, a quiet load of a
+corrupt file, lost history or an ignored setting (docs/reliability.md)."""
 from __future__ import annotations
 
 import gzip

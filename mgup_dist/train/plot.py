@@ -13,7 +13,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["load_run", "plot_runs", "summary_table", "main"]
+__all__ = ["load_run", "lr_schedule", "plot_runs", "summary_table", "main"]
 
 
 def load_run(run_dir: str) -> Dict:
@@ -34,7 +34,7 @@ def load_run(run_dir: str) -> Dict:
     if os.path.isfile(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
-    return {"dir": run_dir, "name": cfg.get("name", summary.get("name", os.path.basename(os.path.normpath(run_dir)))),
+    return {"dir": run_dir, "config": cfg, "name": cfg.get("name", summary.get("name", os.path.basename(os.path.normpath(run_dir)))),
             "optimizer": cfg.get("optimizer", summary.get("optimizer", "?")), "train": [train[k] for k in sorted(train)],
             "val": [val[k] for k in sorted(val)], "summary": summary}
 
@@ -42,6 +42,21 @@ def load_run(run_dir: str) -> Dict:
 def _labels(runs: List[Dict]) -> List[str]:
     opts = [r["optimizer"] for r in runs]
     return [r["optimizer"] if opts.count(r["optimizer"]) == 1 else f"{r['optimizer']} ({r['name']})" for r in runs]
+
+
+def lr_schedule(cfg: Dict) -> List[tuple]:
+    """(step, lr) for every optimizer step 1..steps of a run, from its config.json (the
+    trainer's schedule, ``mgup_dist.train.optim.lr_lambda``); [] when the config lacks a
+    schedule field.  The metrics hold the lr only every --log-every steps, so a curve drawn
+    from them alone would start at step log_every, well after the first warmup step."""
+    try:
+        lr, steps = float(cfg["lr"]), int(cfg["steps"])
+        warmup, min_ratio = int(cfg["warmup_steps"]), float(cfg["min_lr_ratio"])
+    except (KeyError, TypeError, ValueError):
+        return []
+    from .optim import lr_lambda
+
+    return [(s, lr * lr_lambda(s - 1, warmup=warmup, total=steps, min_ratio=min_ratio)) for s in range(1, steps + 1)]
 
 
 def plot_runs(run_dirs: Sequence[str], out_dir: str, title: Optional[str] = None) -> List[str]:
@@ -68,6 +83,8 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str, title: Optional[str] = None
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for run, label in zip(runs, labels):
             pts = [(r[xkey], r[key]) for r in run[kind] if key in r and xkey in r]
+            if key == "lr":
+                pts = lr_schedule(run["config"]) or pts
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=label, marker="o" if kind == "val" and len(xs) < 30 else None, markersize=3)
@@ -110,7 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def summary_table(runs: List[Dict]) -> str:
     """A Markdown table of the final figures: train loss (last log record), val loss and
     perplexity (last evaluation), mean tokens/s and mean optimizer ms per step (summary.json,
-    falling back to the mean over the log records)."""
+    falling back to the mean over the log records).  Runs whose optimizer step was not
+    timed (DeepSpeed's ZeRO wrappers) show "n/a" there."""
     rows = ["| optimizer | final train loss | final val loss (ppl) | tokens/s | optimizer ms/step |",
             "|---|---:|---:|---:|---:|"]
     for r, label in zip(runs, _labels(runs)):
@@ -124,6 +142,7 @@ def summary_table(runs: List[Dict]) -> str:
         oms = r["summary"].get("optimizer_ms")
         if oms is None:
             xs = [x["optimizer_ms"] for x in r["train"] if "optimizer_ms" in x]
-            oms = sum(xs) / len(xs) if xs else float("nan")
-        rows.append(f"| {label} | {tl:.4f} | {vl:.4f} ({ppl:.2f}) | {tps:,.0f} | {oms:.1f} |")
+            oms = sum(xs) / len(xs) if xs else None
+        oms_s = "n/a" if oms is None or oms != oms else f"{oms:.1f}"
+        rows.append(f"| {label} | {tl:.4f} | {vl:.4f} ({ppl:.2f}) | {tps:,.0f} | {oms_s} |")
     return "\n".join(rows)

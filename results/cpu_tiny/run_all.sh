@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU fallback of issue 13: four optimizers, same seed / data order / schedule, run one
+# Four optimizers on the CPU, same seed / data order / schedule, run one
 # after the other.  Run from the repository root:  bash results/cpu_tiny/run_all.sh
 set -euo pipefail
 export OMP_NUM_THREADS=1 PYTHONPATH="${PYTHONPATH:-$PWD}"
