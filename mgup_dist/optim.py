@@ -423,7 +423,7 @@ class _MGUPOptimizer(Optimizer):
 
     def _workspace(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A flat buffer of >= n elements.  CPU: kept across steps and grown as needed
-        (writing fresh memory costs several times more than reusing it on these machines);
+        (writing fresh memory costs several times more than reusing it: page faults);
         other devices: fresh from the caching allocator, so nothing is held between steps."""
         if device.type != "cpu":
             return torch.empty(n, dtype=dtype, device=device)
