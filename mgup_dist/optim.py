@@ -173,6 +173,8 @@ class _MGUPOptimizer(Optimizer):
         for key in _REFUSED:
             defaults.setdefault(key, False)
         _mgup_options(defaults, " (the optimizer's defaults)")  # opt.defaults shows the resolved alpha/gamma
+        # the hyperparameters before the params, as torch's optimizers check them
+        self._validate_group(dict(defaults, params=[]), " (the optimizer's defaults)")
         super().__init__(params, defaults)
 
     # -- param groups ---------------------------------------------------------------------
@@ -228,6 +230,8 @@ class _MGUPOptimizer(Optimizer):
 
     def _validate_group(self, group: Dict[str, Any], where: str) -> None:
         lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError(f"lr as a Tensor must be 1-element, got a tensor of shape {tuple(lr.shape)}{where}")
         if isinstance(lr, torch.Tensor) and lr.device.type != "cpu" and not group.get("capturable"):
             raise ValueError(f"lr is a {lr.device.type} tensor: pass capturable=True (CUDA graphs) or a float{where}")
         if not (isinstance(lr, torch.Tensor) and lr.device.type != "cpu"):
@@ -787,7 +791,7 @@ class MGUPMuon(MGUPAdamW):
             )
         adamw_params = [_tensor_of(p) for p in (adamw_params or [])]
         self._adamw_ids = {id(p) for p in adamw_params}
-        params = list(params)
+        params = list(params) if params is not None else params  # None: torch's TypeError, after the hyperparameters
         if params and not isinstance(params[0], dict):
             # split into matrices (Muon) and the rest (AdamW); (name, tensor) pairs stay pairs,
             # so that torch records param_names

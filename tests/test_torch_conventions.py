@@ -86,9 +86,16 @@ def test_tensor_lr_of_every_shape_torch_accepts(name, shape):
     _same(a, b, atol=1e-15)
 
 
-def test_lr_tensor_of_several_elements_is_refused():
-    with pytest.raises(ValueError, match="lr"):
-        mgup_dist.MGUPAdamW(_params(), lr=torch.tensor([1e-3, 1e-3]))
+@pytest.mark.parametrize("name", ALL)
+def test_hyperparameters_are_checked_before_the_params(name):
+    """As torch's optimizers: a bad value is a ValueError naming it, whatever the params."""
+    for params in (_params(), None):
+        with pytest.raises(ValueError, match="lr as a Tensor must be 1-element"):
+            _make(name, params, lr=torch.tensor([1e-3, 1e-3]))
+        with pytest.raises(ValueError, match="weight_decay"):
+            _make(name, params, weight_decay=-1.0)
+        with pytest.raises(ValueError, match=r"betas\[0\]"):
+            _make(name, params, betas=(1.0, 0.0))
 
 
 # --------------------------------------------------------------- loaded step
