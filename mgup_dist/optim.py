@@ -641,6 +641,14 @@ _COMMON_DOC = """
     Inductor-fused phases), ``chunk_elems`` (elements scored and selected together: None = 4M on
     the CPU, 256M on accelerators; the step's scratch is 4 bytes a chunk element), ``fp32_state``.  ``amsgrad``, ``fused`` and ``differentiable`` are
     refused with a ValueError that says what to use instead.
+
+    As torch's optimizers: ``lr`` may be a one-element CPU tensor of any shape (a device tensor
+    needs ``capturable=True``); a group may carry its own options, ``tau`` included; params may
+    be ``named_parameters()`` (names in ``state_dict()``); a numeric ``step`` in a loaded state
+    becomes the tensor counter.  Complex params are stepped as their real view
+    (``torch.view_as_real``: each real and imaginary part is one coordinate of the score and of
+    top-K), whole tensors with the AdamW or Lion rule (not DTensors, not Muon's matrices);
+    integer params are refused.
 """
 
 
