@@ -226,6 +226,10 @@ class _MGUPOptimizer(Optimizer):
     def _revalidate(self) -> None:
         for i, group in enumerate(self.param_groups):
             if group.get("_validated") != self._snapshot(group):
+                old = dict(group.get("_validated") or ())
+                if (group.get("tau") is not None and old.get("tau") is None
+                        and (group.get("alpha"), group.get("gamma")) == (old.get("alpha"), old.get("gamma"))):
+                    group["alpha"] = group["gamma"] = None  # tau set after construction: it gives alpha and gamma
                 self._validate(group, f" (param group {i}, changed after construction)")
 
     def _validate_group(self, group: Dict[str, Any], where: str) -> None:

@@ -202,6 +202,18 @@ def test_per_group_options_including_tau(name):
     assert opt.param_groups[-1]["alpha"] == pytest.approx(1 / 0.9) and opt.param_groups[-1]["gamma"] == 0.9
 
 
+def test_tau_set_on_a_group_after_construction_gives_its_alpha_and_gamma():
+    a = _params()
+    opt = mgup_dist.MGUPAdamW(a)
+    opt.param_groups[0]["tau"] = 0.8
+    _steps(opt, a, 1)
+    g = opt.param_groups[0]
+    assert (g["alpha"], g["gamma"], g["tau"]) == (pytest.approx(1.25), 0.8, None)
+    g["tau"], g["alpha"] = 0.5, 3.0  # both changed: which one is meant is unclear
+    with pytest.raises(ValueError, match="either tau or alpha/gamma"):
+        _steps(opt, a, 1)
+
+
 @pytest.mark.parametrize("name", ["MGUPMuon", "CMGUPMuon"])
 def test_muon_per_group_tau(name):
     w, v = _params()
