@@ -55,6 +55,22 @@ def _local(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t
 
 
+def _real(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A complex tensor as its real view (torch.view_as_real: [..., 2], each real and
+    imaginary part one coordinate, as torch's AdamW steps complex params); others as given."""
+    if t is not None and t.is_complex():
+        return torch.view_as_real(t)
+    return t
+
+
+def _lr_0d(lr):
+    """A one-element lr tensor of any shape ((), (1,), (1, 1)) as a 0-d view: the kernels
+    broadcast it against flat buffers and read it as a scalar (torch's AdamW accepts all three)."""
+    if isinstance(lr, torch.Tensor) and lr.ndim > 0 and lr.numel() == 1:
+        return lr.view(())
+    return lr
+
+
 def _check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False, where: str = "") -> None:
     """ValueError naming the parameter and its allowed interval (always finite)."""
     if isinstance(value, torch.Tensor):
@@ -122,6 +138,19 @@ def _mgup_options(group: Dict[str, Any], where: str) -> None:
             raise ValueError(f"{key}={group[key]!r} is not supported: {why}{where}")
 
 
+def _check_backend_device(group: Dict[str, Any], where: str) -> None:
+    """backend="triton" runs CUDA kernels: CPU params are refused here rather than by
+    Triton at the first launch ('0 active drivers')."""
+    if group.get("backend") != "triton":
+        return
+    for i, p in enumerate(group["params"]):
+        if _local(p).device.type == "cpu":
+            raise ValueError(
+                f"backend='triton' runs CUDA kernels, but parameter {i} is on the CPU{where}; "
+                "use backend='auto' or 'cpu' for CPU params"
+            )
+
+
 #: what decides which collectives run and what is selected: checked across ranks
 _AGREE = ("rule", "mode", "scope", "mask_ratio", "alpha", "gamma", "normalize", "convention", "chunk_elems")
 
@@ -144,18 +173,37 @@ class _MGUPOptimizer(Optimizer):
         for key in _REFUSED:
             defaults.setdefault(key, False)
         _mgup_options(defaults, " (the optimizer's defaults)")  # opt.defaults shows the resolved alpha/gamma
+        # the hyperparameters before the params, as torch's optimizers check them
+        self._validate_group(dict(defaults, params=[]), " (the optimizer's defaults)")
         super().__init__(params, defaults)
 
     # -- param groups ---------------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and param_group.get("tau") is not None:
+            # tau -> (1/tau, tau) for this group: the defaults' resolved alpha/gamma must not
+            # fill in first (torch copies every default the group lacks); alpha/gamma given
+            # in the same dict as tau are still refused by _mgup_options
+            param_group = dict(param_group)
+            param_group.setdefault("alpha", None)
+            param_group.setdefault("gamma", None)
+        where = f" (param group {len(self.param_groups)})"
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        where = f" (param group {len(self.param_groups) - 1})"
         try:
             self._validate(group, where)
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if p.is_sparse:
                     raise SparseGradientError(f"{type(self).__name__} does not support sparse parameters")
+                if not (p.dtype.is_floating_point or p.dtype.is_complex):
+                    raise ValueError(
+                        f"{type(self).__name__} optimizes floating or complex tensors; parameter {i} is {p.dtype}{where}"
+                    )
+                if p.dtype.is_complex and (_is_dtensor(p) or group.get("rule") == "muon"):
+                    raise ValueError(
+                        f"{type(self).__name__}: parameter {i} is complex ({p.dtype}); complex params are stepped as "
+                        "their real view on whole tensors with the AdamW or Lion rule only, not as a DTensor or in a "
+                        f"use_muon=True group{where}"
+                    )
         except ValueError:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
@@ -165,6 +213,7 @@ class _MGUPOptimizer(Optimizer):
         ``step`` re-validates only a group whose values changed since."""
         self._validate_group(group, where)
         _mgup_options(group, where)
+        _check_backend_device(group, where)
         group["_validated"] = self._snapshot(group)
 
     @staticmethod
@@ -177,10 +226,16 @@ class _MGUPOptimizer(Optimizer):
     def _revalidate(self) -> None:
         for i, group in enumerate(self.param_groups):
             if group.get("_validated") != self._snapshot(group):
+                old = dict(group.get("_validated") or ())
+                if (group.get("tau") is not None and old.get("tau") is None
+                        and (group.get("alpha"), group.get("gamma")) == (old.get("alpha"), old.get("gamma"))):
+                    group["alpha"] = group["gamma"] = None  # tau set after construction: it gives alpha and gamma
                 self._validate(group, f" (param group {i}, changed after construction)")
 
     def _validate_group(self, group: Dict[str, Any], where: str) -> None:
         lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError(f"lr as a Tensor must be 1-element, got a tensor of shape {tuple(lr.shape)}{where}")
         if isinstance(lr, torch.Tensor) and lr.device.type != "cpu" and not group.get("capturable"):
             raise ValueError(f"lr is a {lr.device.type} tensor: pass capturable=True (CUDA graphs) or a float{where}")
         if not (isinstance(lr, torch.Tensor) and lr.device.type != "cpu"):
@@ -213,6 +268,7 @@ class _MGUPOptimizer(Optimizer):
             if rule is None:
                 foreign.append(i)
         self._check_state_names(state_dict)
+        self._check_state_tensors(state_dict)
         kept = {i: {k: v for k, v in self.param_groups[i].items() if k not in ("params",)} for i in foreign}
         keep = {}
         saved_ids = [pid for g in saved_groups for pid in g["params"]]
@@ -263,12 +319,63 @@ class _MGUPOptimizer(Optimizer):
                     f"(expected {sorted(allowed)}); it comes from another optimizer: load it into that one"
                 )
 
+    def _check_state_tensors(self, state_dict) -> None:
+        """Each saved state must fit its param: every name of the rule present, each state
+        tensor floating (complex for a complex param) with the param's local shape (a flat
+        state of the same size also fits: the step reads it flat).  Otherwise a ValueError
+        naming the param and the key now, not a wrong step later (torch would cast and
+        load a 4x5 moment into a 3x3 param, and a step would read its first 9 values)."""
+        saved = state_dict["param_groups"]
+        if any(len(s["params"]) != len(m["params"]) for s, m in zip(saved, self.param_groups)):
+            return  # torch's load_state_dict refuses this with its own message
+        for gi, (sg, group) in enumerate(zip(saved, self.param_groups)):
+            rule = self._rule(group)
+            required = list(rule.state) + (["step"] if rule.step else [])
+            for pos, (pid, p) in enumerate(zip(sg["params"], group["params"])):
+                st = state_dict["state"].get(pid)
+                if not st:
+                    continue  # not stepped yet: created at the first step
+                where = f"param group {gi}, parameter {pos}"
+                missing = [k for k in required if k not in st]
+                if missing:
+                    raise ValueError(
+                        f"load_state_dict: the saved state of {where} lacks {missing} (has {sorted(st)}); "
+                        f"{rule.name!r} state needs {required}"
+                    )
+                if rule.step:
+                    step = st["step"]
+                    bad = (torch.is_tensor(step) and step.numel() != 1) or (
+                        not torch.is_tensor(step) and (isinstance(step, bool) or not isinstance(step, (int, float))))
+                    if bad:
+                        shown = f"a tensor of shape {tuple(step.shape)}" if torch.is_tensor(step) else repr(step)
+                        raise ValueError(f"load_state_dict: 'step' of {where} must be a number or a one-element "
+                                         f"tensor, got {shown}")
+                local = _local(p)
+                for k in rule.state:
+                    v = st[k]
+                    if not torch.is_tensor(v):
+                        raise ValueError(f"load_state_dict: {k!r} of {where} must be a tensor, got {type(v).__name__}")
+                    lv = _local(v)
+                    ok_dtype = lv.dtype.is_complex if local.dtype.is_complex else lv.dtype.is_floating_point
+                    if not ok_dtype:
+                        raise ValueError(
+                            f"load_state_dict: {k!r} of {where} is {lv.dtype}; the param is {local.dtype}: "
+                            f"expected a {'complex' if local.dtype.is_complex else 'floating'} tensor"
+                        )
+                    fits = lv.shape == local.shape or (lv.ndim == 1 and lv.numel() == local.numel())
+                    if not fits:
+                        raise ValueError(
+                            f"load_state_dict: {k!r} of {where} has shape {tuple(lv.shape)}, the param's local shape "
+                            f"is {tuple(local.shape)}: the state belongs to another parameter or model"
+                        )
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_layouts", {})
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_scratch", {})
         self.__dict__.setdefault("fp32_state", None)
+        self.__dict__.setdefault("_adamw_ids", set())  # MGUPMuon: ids of another process's tensors mean nothing
         for group in self.param_groups:
             for key, val in (
                 ("mode", "topk"), ("scope", "tensor"), ("normalize", False), ("foreach", None), ("compile", False),
@@ -276,6 +383,20 @@ class _MGUPOptimizer(Optimizer):
                 ("backend", "auto"), ("rule", self.rule_name), ("chunk_elems", None),
             ):
                 group.setdefault(key, val)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not torch.is_tensor(st["step"]):
+                    # a numeric step (older checkpoints, hand-built state): the float32 0-d counter
+                    # the step increments in place, on the device only with capturable (as torch)
+                    dev = _local(p).device if group["capturable"] else torch.device("cpu")
+                    st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32, device=dev)
+
+    def __getstate__(self):
+        # torch pickles defaults, state and param_groups only: fp32_state decides the state
+        # dtype of params added later, so a copy must keep it
+        state = super().__getstate__()
+        state["fp32_state"] = self.fp32_state
+        return state
 
     def state_dict(self):
         sd = super().state_dict()
@@ -289,7 +410,7 @@ class _MGUPOptimizer(Optimizer):
         rank, for the tensor object the optimizer's param groups hold."""
         if not isinstance(layout, Layout):
             raise ValueError(f"layout must be a mgup_dist.layout.Layout, got {type(layout).__name__}")
-        local = _local(param)
+        local = _real(_local(param))  # complex: the real view's elements
         if layout.numel != local.numel():
             raise ValueError(
                 f"layout describes a buffer of {layout.numel} elements but the parameter holds {local.numel()} locally"
@@ -302,7 +423,8 @@ class _MGUPOptimizer(Optimizer):
         if hit is not None and hit[0] is param:
             return hit[1]
         tid = self._default_tensor_id(param)
-        layout = dtensor_layout(param, tid) if _is_dtensor(param) else whole_layout(param, tid)
+        # a complex param is stepped as its real view: 2 coordinates an element
+        layout = dtensor_layout(param, tid) if _is_dtensor(param) else whole_layout(_real(param), tid)
         self._layouts[id(param)] = (param, layout)
         return layout
 
@@ -449,7 +571,7 @@ class _MGUPOptimizer(Optimizer):
             g = p.grad
             if g is not None and g.is_sparse:
                 raise SparseGradientError(f"{type(self).__name__} does not support sparse gradients")
-            lp, lg = _local(p), _local(g)
+            lp, lg = _real(_local(p)), _real(_local(g))  # complex: its real view, as torch's AdamW
             if lg is not None and lg.shape != lp.shape:
                 raise ValueError(
                     f"{type(self).__name__}: a gradient of shape {tuple(lg.shape)} for a parameter of local shape "
@@ -475,7 +597,7 @@ class _MGUPOptimizer(Optimizer):
                 continue
             st = self._init_state(p, rule, group)
             for name in rule.state:
-                states[name].append(_local(st[name]).view(-1))
+                states[name].append(_real(_local(st[name])).view(-1))
             if rule.step:
                 step = st["step"]
                 step.add_(1)
@@ -490,12 +612,15 @@ class _MGUPOptimizer(Optimizer):
                 bc1.append(1.0)
                 bc2.append(1.0)
         device = _local(params[0]).device
-        wide = any(_local(p).dtype == torch.float64 for p in params)
+        wide = any(_real(_local(p)).dtype == torch.float64 for p in params)
         fdt = torch.float64 if wide else torch.float32
         plan = self._plan(group, layouts, rule, device)
+        if group["backend"] == "triton" and device.type == "cpu":
+            _check_backend_device(group, " (at step)")
         foreach = True if group["foreach"] is None else group["foreach"]
         backend = get_backend(device, foreach=foreach, compile=group["compile"], kind=group["backend"])
         hp = {k: v for k, v in group.items() if k not in ("params", "_validated")}
+        hp["lr"] = _lr_0d(hp["lr"])
         # the last statement: torch.compile(opt.step) breaks the graph inside, and nothing
         # (no view of a param) must be live in the frame it resumes afterwards
         return run_group(backend, GroupStep(rule, hp, plan, Bufs(locs, grads, states, bc1, bc2), has_grad, device, fdt,
@@ -525,6 +650,14 @@ _COMMON_DOC = """
     Inductor-fused phases), ``chunk_elems`` (elements scored and selected together: None = 4M on
     the CPU, 256M on accelerators; the step's scratch is 4 bytes a chunk element), ``fp32_state``.  ``amsgrad``, ``fused`` and ``differentiable`` are
     refused with a ValueError that says what to use instead.
+
+    As torch's optimizers: ``lr`` may be a one-element CPU tensor of any shape (a device tensor
+    needs ``capturable=True``); a group may carry its own options, ``tau`` included; params may
+    be ``named_parameters()`` (names in ``state_dict()``); a numeric ``step`` in a loaded state
+    becomes the tensor counter.  Complex params are stepped as their real view
+    (``torch.view_as_real``: each real and imaginary part is one coordinate of the score and of
+    top-K), whole tensors with the AdamW or Lion rule (not DTensors, not Muon's matrices);
+    integer params are refused.
 """
 
 
@@ -668,12 +801,27 @@ class MGUPMuon(MGUPAdamW):
         chunk_elems: Optional[int] = None,
         fp32_state: Optional[bool] = None,
     ):
-        self._adamw_ids = {id(p) for p in (adamw_params or [])}
-        params = list(params)
+        if isinstance(params, torch.Tensor):  # as torch.optim.Optimizer: a bare tensor is not a list of params
+            raise TypeError(
+                "params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+                + torch.typename(params)
+            )
+        adamw_params = [_tensor_of(p) for p in (adamw_params or [])]
+        self._adamw_ids = {id(p) for p in adamw_params}
+        params = list(params) if params is not None else params  # None: torch's TypeError, after the hyperparameters
         if params and not isinstance(params[0], dict):
-            muon = [p for p in params if p.ndim == 2 and id(p) not in self._adamw_ids]
-            other = [p for p in params if not (p.ndim == 2 and id(p) not in self._adamw_ids)]
-            extra = [p for p in (adamw_params or []) if all(p is not q for q in params)]
+            # split into matrices (Muon) and the rest (AdamW); (name, tensor) pairs stay pairs,
+            # so that torch records param_names
+            def is_matrix(p):
+                t = _tensor_of(p)
+                return isinstance(t, torch.Tensor) and t.ndim == 2 and id(t) not in self._adamw_ids
+
+            muon = [p for p in params if is_matrix(p)]
+            other = [p for p in params if not is_matrix(p)]
+            named = any(isinstance(p, tuple) for p in params)
+            extra = [p for p in adamw_params if all(p is not _tensor_of(q) for q in params)]
+            if named and extra:
+                raise ValueError("MGUPMuon: adamw_params not among named params need names too: pass them in params")
             params = [g for g in ({"params": muon, "use_muon": True}, {"params": other + extra, "use_muon": False}) if g["params"]]
         _check_muon_options(ns_steps, momentum, nesterov, ns_dtype)
         defaults = dict(
@@ -711,6 +859,11 @@ class MGUPMuon(MGUPAdamW):
                             f"MGUPMuon: a use_muon=True group holds a parameter whose layout segment for tensor "
                             f"{seg.tensor_id!r} has global_shape={seg.global_shape}; Muon needs 2-D matrices"
                         )
+
+
+def _tensor_of(p):
+    """The tensor of a params entry: a tensor, or torch's (name, tensor) pair."""
+    return p[1] if isinstance(p, tuple) and len(p) == 2 else p
 
 
 def _check_muon_options(ns_steps, momentum, nesterov, ns_dtype="auto", where="") -> None:

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-from test_selection import reference_mask
 
 from mgup_dist import CMGUPAdamW, CMGUPLion, MGUPAdamW, MGUPLion, MGUPMuon
 
@@ -163,47 +162,139 @@ def test_gradient_of_the_wrong_shape_is_refused(compile_):
 
 
 # ------------------------------------------------------ the authors' formulation
-def _authors_adamw(ps, steps, *, lr, betas, eps, wd, mask_ratio, alpha, gamma, correct_bias, cautious):
-    """Re-derived from the MGUP authors' AdamW (Hugging Face's former ``transformers.AdamW``
-    with MGUP's scale), written independently of mgup_dist: eps on the uncorrected sqrt(v),
-    bias correction in the step size, weight decay before the moment update (their lines
-    ``p.mul_(1 - lr*wd)`` come first), cautious alpha where the score is >= 0."""
-    state = [dict(m=torch.zeros_like(p), v=torch.zeros_like(p)) for p in ps]
-    b1, b2 = betas
+# Their MGUP_AdamW / CMGUP_AdamW (Hugging Face's former ``transformers.AdamW`` with MGUP's
+# mask) and MGUP_Lion (lion-pytorch with the mask), written here statement by statement as
+# their code has them, independently of mgup_dist's math.  50 steps with weight decay, on
+# tensors whose r*N is an integer (int(r*N) = floor(r*N)) and whose scores are never tied
+# at the K-th place (there torch.topk's order is unspecified; the reference asserts it).
+AUTHORS_STEPS = 50
+AUTHORS_SHAPES = [(6, 5), (8,)]  # r = 0.5: K = 15 and 4
+
+
+def _authors_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=F64)) for s in AUTHORS_SHAPES]
+
+
+def _authors_grads(ps, step, zeros):
+    """Random gradients; ``zeros``: a few exact zeros, whose scores are exactly 0 (the
+    cautious s >= 0 case; top-K tests leave them out, they would tie)."""
+    g = torch.Generator().manual_seed(2000 + step)
+    out = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in ps]
+    if zeros:
+        out[0][step % 6, :2] = 0.0
+        out[1][step % 8] = 0.0
+    return out
+
+
+def _authors_mask(score, ratio, alpha, gamma, cautious):
+    """Their mask: alpha on the top int(ratio*N) scores by torch.topk (cautious: where
+    score >= 0), gamma elsewhere."""
+    if cautious:
+        return torch.where(score >= 0, torch.full_like(score, alpha), torch.full_like(score, gamma))
+    flat = score.reshape(-1)
+    k = int(ratio * flat.numel())
+    ranked = flat.sort(descending=True).values
+    assert 0 < k < flat.numel() and ranked[k - 1] != ranked[k], "a tie at the K-th place: topk's choice is unspecified"
+    mask = torch.full_like(flat, gamma)
+    mask[flat.topk(k).indices] = alpha
+    return mask.view_as(score)
+
+
+def _authors_adamw_step(ps, grads, state, *, lr, betas, eps, weight_decay, correct_bias, ratio, alpha, gamma, cautious):
+    for p, grad in zip(ps, grads):
+        st = state.setdefault(p, {})
+        if len(st) == 0:
+            st["step"] = 0
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+        exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
+        beta1, beta2 = betas
+        st["step"] += 1
+        if weight_decay > 0.0:
+            p.mul_(1 - lr * weight_decay)
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(eps)
+        step_size = lr
+        if correct_bias:
+            bias_correction1 = 1.0 - beta1 ** st["step"]
+            bias_correction2 = 1.0 - beta2 ** st["step"]
+            step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
+        score = (exp_avg / denom) * grad
+        mask = _authors_mask(score, ratio, alpha, gamma, cautious)
+        p.addcdiv_(exp_avg * mask, denom, value=-step_size)
+
+
+def _authors_lion_step(ps, grads, state, *, lr, betas, weight_decay, ratio, alpha, gamma, cautious):
+    for p, grad in zip(ps, grads):
+        st = state.setdefault(p, {})
+        if len(st) == 0:
+            st["exp_avg"] = torch.zeros_like(p)
+        exp_avg = st["exp_avg"]
+        beta1, beta2 = betas
+        p.mul_(1 - lr * weight_decay)
+        update = exp_avg.clone().mul_(beta1).add(grad, alpha=1 - beta1).sign_()
+        score = update * grad
+        mask = _authors_mask(score, ratio, alpha, gamma, cautious)
+        p.add_(update * mask, alpha=-lr)
+        exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+
+
+def _authors_run(ps, step_fn, zeros, **kw):
+    state = {}
     with torch.no_grad():
-        for t in range(1, steps + 1):
-            for p, g, st in zip(ps, _grads(ps, t - 1), state):
-                p.mul_(1 - lr * wd)
-                st["m"] = st["m"] * b1 + (1 - b1) * g
-                st["v"] = st["v"] * b2 + (1 - b2) * g * g
-                denom = st["v"].sqrt() + eps
-                step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t) if correct_bias else lr
-                score = (st["m"] / denom) * g
-                if cautious:
-                    sel = score >= 0
-                else:
-                    k = math.floor(mask_ratio * score.numel() + 1e-9 * score.numel())
-                    sel = reference_mask(score.reshape(-1), k).reshape(score.shape)
-                mask = torch.full_like(score, gamma).masked_fill_(sel, alpha)  # float64 alpha and gamma
-                p.add_(-step_size * (st["m"] * mask) / denom)
+        for t in range(AUTHORS_STEPS):
+            step_fn(ps, _authors_grads(ps, t, zeros), state, **kw)
 
 
-@pytest.mark.parametrize("cautious", [False, True], ids=["topk", "cautious"])
-@pytest.mark.parametrize("correct_bias", [True, False])
-@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compile"])
-def test_authors_convention_reproduces_their_adamw(cautious, correct_bias, compile_):
-    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, mask_ratio=0.5, alpha=2.0, gamma=0.1)
-    ours, theirs = _params(), _params()
-    cls = CMGUPAdamW if cautious else MGUPAdamW
-    opt = cls(ours, weight_decay=0.1, convention="authors", correct_bias=correct_bias, compile=compile_, **kw)
-    _run(opt, ours, 6)
-    _authors_adamw(theirs, 6, wd=0.1, correct_bias=correct_bias, cautious=cautious, **kw)
+def _mgup_run(opt, ps, zeros):
+    for t in range(AUTHORS_STEPS):
+        for p, g in zip(ps, _authors_grads(ps, t, zeros)):
+            p.grad = g
+        opt.step()
+
+
+def _assert_same(ours, theirs):
     for p, q in zip(ours, theirs):
-        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14), (p - q).abs().max()
-    # and it is not the torch convention (so the test can tell them apart)
-    other = _params()
-    _run(cls(other, weight_decay=0.1, **kw), other, 6)
+        assert torch.allclose(p, q, rtol=0, atol=1e-12), (p - q).abs().max()
+
+
+_AUTHORS_CASES = [  # (cautious, correct_bias, foreach, compile)
+    (False, True, True, False), (False, False, True, False), (False, True, False, False), (False, True, True, True),
+    (True, True, True, False), (True, False, True, False), (True, True, False, False), (True, True, True, True),
+]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("cautious,correct_bias,foreach,compile_", _AUTHORS_CASES)
+def test_authors_convention_reproduces_their_adamw(cautious, correct_bias, foreach, compile_):
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1)
+    mg = dict(mask_ratio=0.5, alpha=2.0, gamma=0.1)
+    ours, theirs = _authors_params(), _authors_params()
+    cls = CMGUPAdamW if cautious else MGUPAdamW
+    opt = cls(ours, convention="authors", correct_bias=correct_bias, foreach=foreach, compile=compile_, **kw, **mg)
+    _mgup_run(opt, ours, zeros=cautious)
+    _authors_run(theirs, _authors_adamw_step, cautious, correct_bias=correct_bias, ratio=0.5, alpha=2.0, gamma=0.1,
+                 cautious=cautious, **kw)
+    _assert_same(ours, theirs)
+    # and the torch convention is another optimizer (so that the comparison can tell them apart)
+    other = _authors_params()
+    _mgup_run(cls(other, foreach=foreach, **kw, **mg), other, zeros=cautious)
     assert max((p - q).abs().max().item() for p, q in zip(other, theirs)) > 1e-6
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("cautious,foreach,compile_", [(False, True, False), (False, False, False), (False, True, True),
+                                                       (True, True, False), (True, False, False), (True, True, True)])
+def test_authors_convention_reproduces_their_lion(cautious, foreach, compile_):
+    kw = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.5)
+    ours, theirs = _authors_params(), _authors_params()
+    cls = CMGUPLion if cautious else MGUPLion
+    opt = cls(ours, convention="authors", foreach=foreach, compile=compile_, mask_ratio=0.5, alpha=2.0, gamma=0.1, **kw)
+    _mgup_run(opt, ours, zeros=cautious)
+    _authors_run(theirs, _authors_lion_step, cautious, ratio=0.5, alpha=2.0, gamma=0.1, cautious=cautious, **kw)
+    _assert_same(ours, theirs)
 
 
 def test_authors_cautious_lion_counts_zero_scores_as_aligned():
