@@ -472,14 +472,23 @@ class _MGUPOptimizer(Optimizer):
             device = torch.device("cpu") if "gloo" in backend else _local(self.param_groups[entries[0][0]]["params"][0]).device
             vals = torch.tensor([e[2] for e in entries], dtype=torch.float64) + 0.0   # -0.0 -> 0.0
             bits = vals.view(torch.int64)
-            buf = torch.cat([bits, -bits]).to(device, non_blocking=True)
-            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=pg)
+            buf = torch.cat([bits, -bits])
             if device.type == "cpu":
+                dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=pg)
                 self._raise_on_disagreement(buf, entries, pg)
-            else:
-                pending.append((self._agree_step + _AGREE_LAG, (buf, entries, pg)))
+                continue
+            # pinned both ways and an event: the host never waits on the stream's newer work
+            buf = buf.pin_memory().to(device, non_blocking=True)
+            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=pg)
+            host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
+            host.copy_(buf, non_blocking=True)
+            event = torch.get_device_module(device).Event()
+            event.record()
+            pending.append((self._agree_step + _AGREE_LAG, (host, entries, pg, event)))
 
-    def _raise_on_disagreement(self, buf: torch.Tensor, entries: List, pg) -> None:
+    def _raise_on_disagreement(self, buf: torch.Tensor, entries: List, pg, event=None) -> None:
+        if event is not None:
+            event.synchronize()   # recorded _AGREE_LAG steps ago: long complete
         n = len(entries)
         differ = (buf[:n] != -buf[n:]).tolist()
         if not any(differ):

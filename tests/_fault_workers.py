@@ -75,3 +75,17 @@ def agreement_overhead(rank, world, steps=200, mode="step"):
         times.append(time.perf_counter() - t0)
     times = sorted(times[10:])
     return times[len(times) // 2]
+
+
+def agreement_cases(rank, world, cases):
+    """:func:`agreement` for each (engine, setting, scheduler) case; then the recipe's DDP
+    engine declares its MGUP optimizer replicated."""
+    out = [agreement(rank, world, engine, setting, scheduler=sched) for engine, setting, sched in cases]
+    from mgup_dist.train import config as tcfg
+    from mgup_dist.train.engines import DDPEngine
+
+    cfg = tcfg.parse(["--device", "cpu", "--out-dir", "/tmp/unused-agreement"], world_size=world)
+    cfg.bf16 = False
+    eng = DDPEngine(cfg, _model(), torch.device("cpu"), None)
+    out.append(None if getattr(eng.optimizer, "_replica_group", False) is not False else "not replicated")
+    return out

@@ -24,6 +24,15 @@ from .optim import CosineWithWarmup, build_optimizer, build_scheduler, optimizer
 __all__ = ["build_engine", "Engine", "load_optimizer_state"]
 
 
+def _load_file(file: str, **kw):
+    """``torch.load(weights_only=True)``; a failure names the file (resume falls back on it)."""
+    try:
+        return torch.load(file, weights_only=True, **kw)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RuntimeError(f"{os.path.basename(file)} does not load ({type(e).__name__}: {first})") from e
+
+
 def _labels(ids: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
     labels = ids.clone()
     if pad_id is not None:
@@ -124,10 +133,9 @@ class DDPEngine(Engine):
             torch.save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
 
     def load(self, path: str) -> None:
-        self.raw_model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=self.device,
-                                                  weights_only=True))
+        self.raw_model.load_state_dict(_load_file(os.path.join(path, "model.pt"), map_location=self.device))
         load_optimizer_state(self.optimizer, os.path.join(path, "optimizer.pt"))
-        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        self.scheduler.load_state_dict(_load_file(os.path.join(path, "scheduler.pt")))
 
 
 class FSDP2Engine(Engine):
@@ -188,7 +196,7 @@ class FSDP2Engine(Engine):
         state = self._dcp_state()   # allocates optimizer state (a zero-lr step) so DCP has targets
         dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        self.scheduler.load_state_dict(_load_file(os.path.join(path, "scheduler.pt")))
 
 
 class DeepSpeedEngine(Engine):
@@ -285,7 +293,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, file: str) -> None:
     where capturable/fused optimizers want it.  A counter saved elsewhere (an older
     checkpoint written from the device, or in float64) is put back to the fresh layout:
     a CPU float32 0-d tensor for non-capturable, non-fused groups."""
-    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(_load_file(file, map_location="cpu"))
     for group in optimizer.param_groups:
         if group.get("capturable") or group.get("fused"):
             continue   # torch's policy already put 'step' on the parameter's device, fp32

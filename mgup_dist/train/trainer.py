@@ -20,7 +20,20 @@ from . import checkpoint as ckpt
 from .config import fingerprint, parse, to_jsonable
 from .data import build_datasets
 
-__all__ = ["train", "run"]
+__all__ = ["train", "run", "CollectiveTimeout"]
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than ``--timeout`` for another rank."""
+
+
+# What this rank is doing, for the message of a collective that times out.
+_PHASE = ["setup"]
+
+
+def _is_timeout(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 
@@ -368,6 +381,7 @@ def train(cfg) -> Dict:
     summary (rank 0's view; other ranks return theirs)."""
     rank, world, device, created_pg = _init_distributed(cfg)
     clean = False
+    _PHASE[0] = "setup"
     try:
         out = _train(cfg, rank, world, device)
         clean = True
@@ -376,10 +390,18 @@ def train(cfg) -> Dict:
         # refusals are decided on rank 0 and raised by every rank at the same point
         clean = True
         raise
+    except Exception as e:
+        if world > 1 and _is_timeout(e):
+            raise CollectiveTimeout(
+                f"rank {rank} of {world}: a collective timed out (--timeout {cfg.timeout:g} s) during {_PHASE[0]}: "
+                "another rank stopped responding (frozen, killed, out of memory, or far slower); the newest "
+                f"checkpoint in {os.path.join(cfg.out_dir, 'checkpoints')!r} resumes the run; raise --timeout if a "
+                "rank is merely slow (large checkpoints on slow disks)") from e
+        raise
     finally:
-        if created_pg and dist.is_initialized():
-            if clean:
-                _leave_together(cfg.timeout)
+        # After a failure other ranks may be stuck or gone: tearing down could wait on them.
+        if created_pg and dist.is_initialized() and clean:
+            _leave_together(cfg.timeout)
             dist.destroy_process_group()
 
 
@@ -572,14 +594,17 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     engine.train(True)
     while step < cfg.steps:
         lr = engine.lr
+        _PHASE[0] = f"step {step + 1} (forward, backward, gradient reduction)"
         for micro in range(cfg.grad_accum):
             ids = data.train.next_micro()
             if int(ids.max()) >= vocab:
                 raise ValueError(f"vocab_size: token id {int(ids.max())} >= model vocab {vocab}; pass --vocab-size auto")
             loss_acc += engine.forward_backward(ids, last=micro == cfg.grad_accum - 1)
             n_acc += 1
+        _PHASE[0] = f"step {step + 1} (clipping and optimizer step)"
         gnorm = engine.step()
         step += 1
+        _PHASE[0] = f"logging of step {step}"
         steps_since += 1
         if engine.skipped:
             skipped_total, skipped_run = skipped_total + 1, skipped_run + 1
@@ -623,6 +648,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             pbar.update(1)
 
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            _PHASE[0] = f"evaluation at step {step}"
             vl = _evaluate(engine, data.val, cfg.eval_micro_batch, device)
             rec = {"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50.0)), "train_s": train_time}
             metrics.log(rec)
@@ -637,6 +663,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             state = {"step": step, "fingerprint": fingerprint(cfg), "world_size": world, "name": cfg.name,
                      "settings": _resume_settings(cfg), "skipped_steps": skipped_total, "vocab_size": vocab,
                      "per_rank": {"data": data.train.state_dict(), "rng": ckpt.rng_state(device)}}
+            _PHASE[0] = f"checkpoint of step {step}"
             ckpt.save_checkpoint(ckpt_root, step, engine, state, rank, cfg.keep_checkpoints)
             t_mark = time.perf_counter()
 
