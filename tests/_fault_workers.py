@@ -12,7 +12,7 @@ def _model():
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
 
 
-def agreement(rank, world, engine, setting, steps=3, scheduler=False, opt_name="MGUPAdamW"):
+def agreement(rank, world, engine, setting, steps=3, scheduler=False, opt_name="MGUPAdamW", mode="step"):
     """Rank 1 takes a different ``setting`` (or, with ``scheduler``, a scheduler that
     changes lr differently from step 2 on); returns the ValueError text or None."""
     from mgup_dist import OPTIMIZERS
@@ -35,6 +35,7 @@ def agreement(rank, world, engine, setting, steps=3, scheduler=False, opt_name="
     if rank == 1 and setting is not None:
         kw[setting[0]] = setting[1]
     opt = OPTIMIZERS[opt_name](params, **kw)
+    opt.check_agreement = mode
     if engine == "ddp":
         opt.replicated()
     sched = None
@@ -80,7 +81,7 @@ def agreement_overhead(rank, world, steps=200, mode="step"):
 def agreement_cases(rank, world, cases):
     """:func:`agreement` for each (engine, setting, scheduler) case; then the recipe's DDP
     engine declares its MGUP optimizer replicated."""
-    out = [agreement(rank, world, engine, setting, scheduler=sched) for engine, setting, sched in cases]
+    out = [agreement(rank, world, engine, setting, scheduler=sched, mode=mode) for engine, setting, sched, mode in cases]
     from mgup_dist.train import config as tcfg
     from mgup_dist.train.engines import DDPEngine
 
