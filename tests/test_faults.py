@@ -124,6 +124,11 @@ def test_ranks_disagreeing_on_hyperparameters_raise():
 def test_opt_kwargs_cannot_override_a_flag(tmp_path, kwargs, flag):
     with pytest.raises(ValueError, match=f"^opt_kwargs: .*{flag}"):
         tcfg.parse(["--opt-kwargs", kwargs, "--out-dir", str(tmp_path / "x")])
+    # an MGUP setting whose flag is unset may ride in opt_kwargs, never both
+    cfg = tcfg.parse(["--opt-kwargs", '{"gamma": 0.1}', "--out-dir", str(tmp_path / "x")])
+    assert tcfg.fingerprint(cfg)["gamma"] == 0.1
+    with pytest.raises(ValueError, match="^opt_kwargs: 'gamma' .*--gamma"):
+        tcfg.parse(["--opt-kwargs", '{"gamma": 0.1}', "--gamma", "0.2", "--out-dir", str(tmp_path / "x")])
 
 
 @pytest.mark.parametrize("values, words", [

@@ -187,6 +187,12 @@ def _check_file_values(p: argparse.ArgumentParser, values: Dict, path: str) -> N
             continue
         if isinstance(v, (list, dict)):
             raise ValueError(f"{where} must be a single value, got a {type(v).__name__}: {v!r}")
+        if a.type in (int, float) and isinstance(v, str):
+            # as on the command line (YAML reads 1e-3 as a string): the flag's own conversion
+            try:
+                v = values[key] = a.type(v)
+            except ValueError:
+                raise ValueError(f"{where} must be {'an integer' if a.type is int else 'a number'}, got {v!r}") from None
         if a.type is int:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"{where} must be an integer, got {v!r}")
@@ -386,9 +392,12 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
     if cfg.opt_kwargs:
         # One source of truth: a setting with its own flag is set by that flag (which
         # config.json, the resume checks and the DeepSpeed file checks all read).
-        owned = sorted(k for k in cfg.opt_kwargs if k in _FLAG_OF_KWARG)
+        # The MGUP flags default to unset: the kwarg may carry them then (a baseline run
+        # drops them with --opt-kwargs '{}'), never both.
+        owned = sorted(k for k in cfg.opt_kwargs if k in _FLAG_OF_KWARG
+                       and (k in ("lr", "betas", "eps", "weight_decay", "adamw_lr") or getattr(cfg, k) is not None))
         if owned:
-            bad("opt_kwargs", "; ".join(f"{k!r} has its own flag: pass {_FLAG_OF_KWARG[k]}" for k in owned))
+            bad("opt_kwargs", "; ".join(f"{k!r} is set by its own flag: pass {_FLAG_OF_KWARG[k]} only" for k in owned))
     if cfg.vocab_size is not None and cfg.vocab_size != "auto":
         try:
             cfg.vocab_size = int(cfg.vocab_size)
