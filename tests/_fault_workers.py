@@ -90,3 +90,26 @@ def agreement_cases(rank, world, cases):
     eng = DDPEngine(cfg, _model(), torch.device("cpu"), None)
     out.append(None if getattr(eng.optimizer, "_replica_group", False) is not False else "not replicated")
     return out
+
+
+def agreement_zero2(rank, world):
+    """DeepSpeed ZeRO-2 with MGUPAdamW where rank 1's config says another lr: the
+    ValueError text of the first step, or None."""
+    import deepspeed
+
+    import mgup_dist.deepspeed  # noqa: F401  registers the MGUP names
+
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
+           "optimizer": {"type": "MGUPAdamW", "params": {"lr": 1e-2 if rank == 0 else 2e-2}},
+           "zero_optimization": {"stage": 2}}
+    model = _model()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
+    torch.manual_seed(1 + rank)
+    try:
+        for _ in range(2):
+            loss = engine(torch.randn(2, 8)).square().mean()
+            engine.backward(loss)
+            engine.step()
+    except ValueError as e:
+        return str(e)
+    return None

@@ -117,6 +117,16 @@ def test_ranks_disagreeing_on_hyperparameters_raise():
     assert res[0][-1] is None and res[1][-1] is None
 
 
+@pytest.mark.timeout(300)
+def test_zero2_ranks_disagreeing_on_lr_raise():
+    from dist_utils import run_distributed
+
+    import _fault_workers as W
+
+    got = run_distributed(W.agreement_zero2, 2, timeout=280)
+    assert got[0] == got[1] and got[0] is not None and "disagree on lr" in got[0], got
+
+
 # ------------------------------------------------------------------ 6. one source of truth, typed input
 
 @pytest.mark.parametrize("kwargs, flag", [('{"lr": 0.5}', "--lr"), ('{"betas": [0.9, 0.9]}', "--beta1"),
