@@ -153,6 +153,12 @@ def _check_backend_device(group: Dict[str, Any], where: str) -> None:
 
 #: what decides which collectives run and what is selected: checked across ranks
 _AGREE = ("rule", "mode", "scope", "mask_ratio", "alpha", "gamma", "normalize", "convention", "chunk_elems")
+#: what shapes every update and may change between steps (a scheduler's lr): checked
+#: across ranks every step (``check_agreement="step"``) or when the plan is built ("plan")
+_AGREE_STEP = ("lr", "betas", "eps", "weight_decay", "maximize", "momentum", "nesterov", "ns_steps", "correct_bias")
+#: accelerators: the result of step t's agreement all-reduce is read at step t + this
+#: (long finished by then: no stall), identically on every rank
+_AGREE_LAG = 8
 
 
 class _MGUPOptimizer(Optimizer):
@@ -485,6 +491,7 @@ class _MGUPOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._revalidate()
+        self._check_step_agreement()
         for group in self.param_groups:
             self._step_group(group)
         return loss
@@ -519,6 +526,8 @@ class _MGUPOptimizer(Optimizer):
         if world_size(pg) == 1:
             return
         mine = {k: group[k] for k in _AGREE}
+        if self.check_agreement == "plan":
+            mine.update({k: group[k] for k in _AGREE_STEP if k in group and not torch.is_tensor(group[k])})
         mine["split tensors (id, numel)"] = sorted({c for lay in layouts for c in lay.collective}, key=repr)
         if all(lay.group is None and not lay.collective for lay in layouts):
             mine["param shapes"] = [tuple(p.shape) for p in group["params"]]
@@ -542,6 +551,85 @@ class _MGUPOptimizer(Optimizer):
         self._replica_group = process_group
         self._plans.clear()
         return self
+
+    #: "step": every step one all-reduce (int64 MAX of [bits, -bits]) of each distributed
+    #: group's _AGREE_STEP values, compared exactly; on CPU/gloo checked at once, on
+    #: accelerators read _AGREE_LAG steps later (no host synchronisation).  "plan": only
+    #: when the plan is built (first step, after a change of _AGREE): no per-step
+    #: collective, but an lr changed by a scheduler on one rank only goes unnoticed.
+    check_agreement = "step"
+
+    def _agreement_pg(self, group):
+        """(True, process group) when ``group`` must agree across ranks, else (False, None)."""
+        layouts = [self.layout_of(p) for p in group["params"]]
+        if any(lay.collective or lay.group is not None for lay in layouts):
+            return True, collective_group(layouts)
+        if getattr(self, "_replica_group", False) is not False:
+            return True, self._replica_group
+        return False, None
+
+    def _check_step_agreement(self) -> None:
+        import torch.distributed as dist
+
+        if self.check_agreement not in ("step", "plan"):
+            raise ValueError(f"check_agreement must be 'step' or 'plan', got {self.check_agreement!r}")
+        pending = self.__dict__.setdefault("_agree_pending", [])
+        while pending and pending[0][0] <= self.__dict__.get("_agree_step", 0):
+            _, args = pending.pop(0)
+            self._raise_on_disagreement(*args)
+        self._agree_step = self.__dict__.get("_agree_step", 0) + 1
+        if self.check_agreement != "step" or not (dist.is_available() and dist.is_initialized()):
+            return
+        by_pg: Dict[int, Tuple[Any, List]] = {}
+        for i, group in enumerate(self.param_groups):
+            if not group["params"]:
+                continue
+            needed, pg = self._agreement_pg(group)
+            if not needed or world_size(pg) == 1:
+                continue
+            entry = by_pg.setdefault(id(pg), (pg, []))
+            for k in _AGREE_STEP:
+                v = group.get(k)
+                if v is None or torch.is_tensor(v):   # a device-tensor lr (capturable) is not read on the host
+                    continue
+                for j, x in enumerate(v if isinstance(v, (tuple, list)) else (v,)):
+                    entry[1].append((i, k if not isinstance(v, (tuple, list)) else f"{k}[{j}]", float(x), x))
+        for pg, entries in by_pg.values():
+            backend = str(dist.get_backend(pg))
+            device = torch.device("cpu") if "gloo" in backend else _local(self.param_groups[entries[0][0]]["params"][0]).device
+            vals = torch.tensor([e[2] for e in entries], dtype=torch.float64) + 0.0   # -0.0 -> 0.0
+            bits = vals.view(torch.int64)
+            buf = torch.cat([bits, -bits])
+            if device.type == "cpu":
+                dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=pg)
+                self._raise_on_disagreement(buf, entries, pg)
+                continue
+            # pinned both ways and an event: the host never waits on the stream's newer work
+            buf = buf.pin_memory().to(device, non_blocking=True)
+            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=pg)
+            host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
+            host.copy_(buf, non_blocking=True)
+            event = torch.get_device_module(device).Event()
+            event.record()
+            pending.append((self._agree_step + _AGREE_LAG, (host, entries, pg, event)))
+
+    def _raise_on_disagreement(self, buf: torch.Tensor, entries: List, pg, event=None) -> None:
+        if event is not None:
+            event.synchronize()   # recorded _AGREE_LAG steps ago: long complete
+        n = len(entries)
+        differ = (buf[:n] != -buf[n:]).tolist()
+        if not any(differ):
+            return
+        # rare path, entered by every rank of pg at once (they all read the same result)
+        mine = [e[3] for e in entries]
+        everyone = all_gather_object(mine, pg)
+        j = differ.index(True)
+        i, k = entries[j][:2]
+        shown = ", ".join(f"rank {r}: {vals[j]!r}" for r, vals in enumerate(everyone))
+        raise ValueError(
+            f"{type(self).__name__}: the ranks disagree on {k} of param group {i} ({shown}); every rank must step "
+            f"with the same {k.split('[')[0]} (also after a scheduler changes it), or the replicas / shards drift apart"
+        )
 
     def _workspace(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A flat buffer of >= n elements.  CPU: kept across steps and grown as needed

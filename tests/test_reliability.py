@@ -16,7 +16,8 @@ import torch
 from mgup_dist.train import config as tcfg
 from mgup_dist.train import run
 from mgup_dist.train.checkpoint import MANIFEST, verify_checkpoint
-from mgup_dist.train.trainer import NAN_ENV
+import fault_entry
+from fault_entry import NAN_ENV
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = ["--steps", "6", "--save-every", "3", "--eval-every", "6", "--log-every", "1", "--global-batch", "4",
@@ -45,7 +46,8 @@ def _records(out):
 
 def _subprocess_train(tmp_path, args, env_extra=None, ok=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
-    r = subprocess.run(["python", "-m", "mgup_dist.train", *args], capture_output=True, text=True, env=env,
+    entry = [str(ROOT / "tests" / "fault_entry.py")] if env_extra else ["-m", "mgup_dist.train"]
+    r = subprocess.run(["python", *entry, *args], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=200)
     if ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
@@ -194,7 +196,7 @@ def test_resume_applies_and_logs_grad_clip_and_micro_batch(tmp_path, capsys):
 def test_nan_step_is_skipped_and_counted_ddp(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     clean = run(BASE + ["--out-dir", str(tmp_path / "clean"), "--resume", "never"])
-    monkeypatch.setenv(NAN_ENV, "0:2")
+    fault_entry.install(monkeypatch, nan=(0, {2}))
     res = run(BASE + ["--out-dir", str(out), "--resume", "never"])
     assert res["skipped_steps"] == 1 and clean["skipped_steps"] == 0
     assert "step 2: global gradient norm nan is not finite; update skipped" in capsys.readouterr().err
@@ -210,7 +212,7 @@ def test_nan_step_is_skipped_and_counted_ddp(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.timeout(120)
 def test_consecutive_nan_steps_stop_the_run(tmp_path, monkeypatch):
-    monkeypatch.setenv(NAN_ENV, "0:2,3,4")
+    fault_entry.install(monkeypatch, nan=(0, {2, 3, 4}))
     with pytest.raises(RuntimeError, match=r"3 consecutive steps \(up to step 4\).*--max-skipped-steps 3"):
         run(BASE + ["--out-dir", str(tmp_path / "r"), "--resume", "never", "--max-skipped-steps", "3"])
 
@@ -333,9 +335,10 @@ def test_two_ranks_nan_on_one_rank_and_damaged_shard_of_the_other(tmp_path, engi
     args = BASE + ["--engine", engine, "--out-dir", str(out)]
 
     def torchrun(extra_env=None):
-        env = dict(os.environ, NPROC="2", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(extra_env or {}))
-        r = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), *args], capture_output=True, text=True,
-                           env=env, timeout=240, cwd=tmp_path)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(extra_env or {}))
+        r = subprocess.run(["python", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                            "--nproc_per_node", "2", str(ROOT / "tests" / "fault_entry.py"), *args],
+                           capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
         return r
 

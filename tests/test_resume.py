@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mgup_dist.train import run
-from mgup_dist.train.trainer import FAULT_ENV
+from fault_entry import SIGNAL_ENV
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--steps", "10", "--save-every", "4", "--eval-every", "5", "--log-every", "1", "--global-batch", "8",
@@ -21,7 +21,11 @@ ARGS = ["--steps", "10", "--save-every", "4", "--eval-every", "5", "--log-every"
 
 def _torchrun(out, extra_env=None):
     env = dict(os.environ, NPROC="2", MAX_RESTARTS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(extra_env or {}))
-    r = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), *ARGS, "--out-dir", str(out)],
+    # the faulty run: the same torchrun command with the test's fault-injecting entry point
+    launch = ["bash", str(ROOT / "launch" / "torchrun.sh")] if not extra_env else [
+        "python", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+        "--max-restarts", "1", str(ROOT / "tests" / "fault_entry.py")]
+    r = subprocess.run([*launch, *ARGS, "--out-dir", str(out)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r.stdout
@@ -39,7 +43,7 @@ def _final(out):
 def test_sigkill_under_torchrun_resumes_without_losing_or_repeating_steps(tmp_path):
     _torchrun(tmp_path / "clean")
     marker = tmp_path / "killed.marker"
-    stdout = _torchrun(tmp_path / "faulty", {FAULT_ENV: f"1:6:{marker}"})
+    stdout = _torchrun(tmp_path / "faulty", {SIGNAL_ENV: f"1:6:{marker}"})
     assert marker.is_file(), "rank 1 never killed itself"
     assert "resumed at step 4" in stdout          # restarted from the checkpoint before the kill
 

@@ -125,7 +125,7 @@ def test_model_configs_match_builtin_and_galore_130m():
     (["--device", "tpu"], "device"),
     (["--seq-len", "100000"], "seq_len"),
     (["--warmup-steps", "1000", "--steps", "10"], "warmup_steps"),
-    (["--engine", "deepspeed", "--optimizer", "mgup_muon"], "optimizer"),
+    (["--name", "../escape"], "name"),
     (["--opt-kwargs", "[1]"], "opt_kwargs"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, argv, param):

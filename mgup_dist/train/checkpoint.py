@@ -10,9 +10,16 @@ last file inside ``step_N.tmp`` before the rename, so a ``step_N`` directory is 
 only if every file still has its recorded size and hash.  A truncated file or a flipped
 bit (model.pt, optimizer.pt, a DCP ``.distcp``, a DeepSpeed shard) is found before any
 of it is loaded; resume then falls back to the newest checkpoint that verifies.
+
+Trust: everything this module and the trainer load is read with ``torch.load(...,
+weights_only=True)`` (tensors and plain containers, no code); ``trainer_state.pt`` holds
+only those (format 2).  torch.distributed.checkpoint's ``.metadata`` and DeepSpeed's
+shards are unpickled by those libraries: a checkpoint directory must be as trusted as
+code.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,10 +32,22 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["list_checkpoints", "latest_checkpoint", "checkpoint_step", "rng_state", "set_rng_state",
-           "barrier", "save_checkpoint", "write_manifest", "verify_checkpoint", "candidate_checkpoints", "MANIFEST"]
+           "barrier", "save_checkpoint", "write_manifest", "verify_checkpoint", "candidate_checkpoints", "MANIFEST",
+           "STATE_FORMAT", "load_trainer_state", "UnusableCheckpoint", "NoSpaceError"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
+#: ``trainer_state.pt`` layout: 2 = tensors, numbers, strings and containers only (loads
+#: with ``weights_only=True``).  Format 1 pickled numpy's RNG state and is refused.
+STATE_FORMAT = 2
+
+
+class UnusableCheckpoint(ValueError):
+    """A checkpoint directory that cannot be resumed from (the message says why)."""
+
+
+class NoSpaceError(OSError):
+    """A checkpoint could not be written for lack of space (the message names the directory)."""
 
 
 def _sha256(path: str) -> str:
@@ -70,10 +89,19 @@ def verify_checkpoint(path: str) -> Optional[str]:
     if not os.path.isfile(mpath):
         return f"no {MANIFEST} (incomplete, or written by a version without checksums)"
     try:
-        with open(mpath) as f:
-            files = json.load(f)["files"]
+        with open(mpath, "rb") as f:
+            files = json.loads(f.read().decode("utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable {MANIFEST}: {e}"
+        return f"unreadable {MANIFEST}: {type(e).__name__}: {e}"
+    # A hand-edited or foreign manifest: every entry must be {"size": int, "sha256": str}.
+    if not isinstance(files, dict):
+        return f"malformed {MANIFEST}: 'files' must be an object of path -> {{size, sha256}}, got {type(files).__name__}"
+    for rel, want in files.items():
+        if not (isinstance(want, dict) and isinstance(want.get("size"), int) and not isinstance(want.get("size"), bool)
+                and isinstance(want.get("sha256"), str)):
+            return f"malformed {MANIFEST}: the entry of {rel!r} must hold an integer 'size' and a string 'sha256'"
+        if os.path.isabs(rel) or ".." in rel.split("/"):
+            return f"malformed {MANIFEST}: {rel!r} is not a path inside the checkpoint"
     if "trainer_state.pt" not in files:
         return "the manifest lists no trainer_state.pt"
     for rel, want in sorted(files.items()):
@@ -127,11 +155,16 @@ def checkpoint_step(path: str) -> int:
 
 
 def rng_state(device: torch.device) -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Every RNG a step may draw from, as tensors and numbers only (``weights_only`` loads it)."""
+    version, words, gauss = random.getstate()
+    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "torch": torch.get_rng_state()}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     except ImportError:  # pragma: no cover
         pass
     if device.type != "cpu":
@@ -140,20 +173,62 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(w) for w in py["words"].tolist()), py["gauss"]))
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     if device.type != "cpu" and "device" in state:
         torch.get_device_module(device).set_rng_state(state["device"], device)
+
+
+def load_trainer_state(path: str) -> dict:
+    """``<path>/trainer_state.pt`` loaded with ``weights_only=True`` (no code runs); an
+    UnusableCheckpoint saying why when it does not load or is of another format."""
+    f = os.path.join(path, "trainer_state.pt")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:   # UnpicklingError, a truncated zip, ...: any failure means unusable
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UnusableCheckpoint(
+            f"trainer_state.pt does not load as tensors and plain data (weights_only=True: {type(e).__name__}: "
+            f"{first}); it was written by an mgup-dist version before format {STATE_FORMAT}, or is not a checkpoint "
+            "of this program: resume it with the version that wrote it, or start over (--resume never)") from e
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt != STATE_FORMAT:
+        raise UnusableCheckpoint(f"trainer_state.pt has format {fmt!r}, this version reads format {STATE_FORMAT}; "
+                                 "resume it with the version that wrote it, or start over (--resume never)")
+    return state
+
+
+def _is_no_space(e: BaseException) -> bool:
+    # torch.save reports a full disk from its zip writer as "[enforce fail at
+    # inline_container.cc:...] unexpected pos" / "file write failed", not as ENOSPC.
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    return "unexpected pos" in text or "file write failed" in text or "No space left" in text
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any (a collective: every rank calls it)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, bool(flag))
+    return any(box)
 
 
 def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank: int, keep: int) -> str:
     """Collective: every rank calls it.  ``trainer_state`` holds this rank's entries
     (data position, RNG) under ``per_rank`` plus shared ones; rank 0 gathers the per-rank
-    entries and writes ``trainer_state.pt`` last, which marks the directory complete."""
+    entries and writes ``trainer_state.pt`` last, which marks the directory complete.
+    A write that fails (a full disk) fails on every rank, removes the partial
+    ``step_N.tmp`` and leaves the older checkpoints as they were."""
     final = os.path.join(ckpt_root, f"step_{step:08d}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -162,7 +237,13 @@ def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     barrier()
-    engine.save(tmp, rank)
+    err: Optional[BaseException] = None
+    try:
+        engine.save(tmp, rank)
+    except BaseException as e:   # also DCP's CheckpointException (a BaseException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        err = e
     per_rank = trainer_state.pop("per_rank")
     if dist.is_available() and dist.is_initialized():
         gathered = [None] * dist.get_world_size()
@@ -170,10 +251,32 @@ def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank
     else:
         gathered = [per_rank]
     barrier()
-    if rank == 0:
+    if rank == 0 and err is None:
         trainer_state["per_rank"] = gathered
-        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-        write_manifest(tmp)   # last: covers every file of every rank (shared filesystem)
+        trainer_state["format"] = STATE_FORMAT
+        try:
+            torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+            write_manifest(tmp)   # last: covers every file of every rank (shared filesystem)
+        except (OSError, RuntimeError) as e:
+            err = e
+    if _any_rank(err is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        older = list_checkpoints(ckpt_root)
+        keep_note = f"the checkpoints kept ({', '.join(os.path.basename(p) for p in older) or 'none'}) are intact"
+        if err is None:
+            raise RuntimeError(f"checkpoint: another rank failed to write {final!r}; the partial directory was "
+                               f"removed and {keep_note}")
+        if _is_no_space(err):
+            free = shutil.disk_usage(ckpt_root).free if os.path.isdir(ckpt_root) else 0
+            raise NoSpaceError(errno.ENOSPC, f"checkpoint: no space left on {ckpt_root!r} while writing step {step} "
+                                             f"({free / 1e6:.0f} MB free now); the partial directory was removed and "
+                                             f"{keep_note}: free space (or lower --keep-checkpoints) and rerun to "
+                                             f"resume from the newest of them") from err
+        raise RuntimeError(f"checkpoint: writing {final!r} failed ({type(err).__name__}: {err}); the partial "
+                           f"directory was removed and {keep_note}") from err
+    if rank == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--deepspeed-config", default="zero2",
                    help="deepspeed engine: a JSON path or a name in configs/deepspeed (zero1, zero2, zero2_offload, zero3)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | npu (via mgup_dist.device)")
+    e.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a collective may wait for the other ranks before the run fails with an error "
+                        "naming it (a frozen or lost rank); raise it for very slow checkpoint writes")
     e.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto = bf16 autocast where mgup_dist.device.supports_bf16 says so (fp32 master weights)")
     # Launchers that append --local_rank (DeepSpeed without --no_local_rank): accepted, unused
@@ -161,7 +164,50 @@ def _load_config_file(path: str) -> Dict:
             raise ValueError(f"config: {path!r} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of flag names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _check_file_values(p: argparse.ArgumentParser, values: Dict, path: str) -> None:
+    """A config file's values skip argparse's conversion: check each against its flag's
+    type and choices, by name (a YAML ``true`` for --steps would otherwise run 1 step)."""
+    actions = {a.dest: a for a in p._actions}
+    for key, v in values.items():
+        a = actions[key]
+        where = f"config: {key!r} in {path!r}"
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{where} must be true or false, got {v!r}")
+            continue
+        if v is None:
+            if a.default is None:
+                continue
+            raise ValueError(f"{where} must not be null (the flag's default is {a.default!r}; leave the key out "
+                             "for the default)")
+        if key == "opt_kwargs" and isinstance(v, dict):
+            continue
+        if isinstance(v, (list, dict)):
+            raise ValueError(f"{where} must be a single value, got a {type(v).__name__}: {v!r}")
+        if a.type in (int, float) and isinstance(v, str):
+            # as on the command line (YAML reads 1e-3 as a string): the flag's own conversion
+            try:
+                v = values[key] = a.type(v)
+            except ValueError:
+                raise ValueError(f"{where} must be {'an integer' if a.type is int else 'a number'}, got {v!r}") from None
+        if a.type is int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{where} must be an integer, got {v!r}")
+        elif a.type is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{where} must be a number, got {v!r}")
+            values[key] = float(v)
+        elif isinstance(v, bool):
+            raise ValueError(f"{where} must be a string, got {v!r}")
+        elif key == "vocab_size" and isinstance(v, int):
+            pass
+        elif not isinstance(v, str):
+            raise ValueError(f"{where} must be a string, got {v!r}")
+        if a.choices is not None and values[key] not in a.choices:
+            raise ValueError(f"{where}: {v!r} is not one of {', '.join(map(str, a.choices))}")
 
 
 def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
@@ -176,6 +222,7 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
         unknown = sorted(set(file_values) - known)
         if unknown:
             raise ValueError(f"config: unknown keys {unknown} in {pre.config!r}; allowed: {sorted(known - {'help', 'config'})}")
+        _check_file_values(p, file_values, pre.config)
         p.set_defaults(**file_values)
     cfg = p.parse_args(argv)
     if world_size is None:
@@ -186,13 +233,42 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
 
 def _load_model_json(path) -> Dict:
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"model: {str(path)!r} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"model: {str(path)!r} must hold a JSON object of LlamaConfig fields")
+    _check_model_fields(data, str(path))
     return data
+
+
+# Sizes a LlamaConfig must have as positive integers (vocab_size may come from --vocab-size).
+_MODEL_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                "max_position_embeddings")
+
+
+def _check_model_fields(data: Dict, where: str) -> None:
+    """Unknown keys (a typo such as ``num_hidden_layer`` would build LlamaConfig's default
+    32-layer model) and non-positive sizes are refused by name."""
+    from transformers import LlamaConfig
+
+    known = set(LlamaConfig().to_dict()) | set(LlamaConfig.attribute_map) | {
+        "architectures", "transformers_version", "model_type", "torch_dtype", "dtype", "head_dim", "rope_scaling",
+        "rope_theta", "rope_parameters", "pretraining_tp", "attention_bias", "attention_dropout", "mlp_bias"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"model: {where!r} has keys LlamaConfig does not know: {unknown} (a typo? e.g. "
+                         "num_hidden_layers, hidden_size, vocab_size)")
+    for key in _MODEL_SIZES + ("vocab_size", "num_key_value_heads"):
+        v = data.get(key)
+        if key in _MODEL_SIZES and v is None:
+            raise ValueError(f"model: {where!r} lacks {key!r} (a positive integer)")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"model: {where!r}: {key} must be a positive integer, got {v!r}")
+    if data["hidden_size"] % data["num_attention_heads"]:
+        raise ValueError(f"model: {where!r}: hidden_size {data['hidden_size']} is not divisible by "
+                         f"num_attention_heads {data['num_attention_heads']}")
 
 
 def resolve_model_config(spec: str) -> Dict:
@@ -210,8 +286,15 @@ def resolve_model_config(spec: str) -> Dict:
 def resolve_deepspeed_config(spec: str) -> Dict:
     path = spec if os.path.isfile(spec) else str(REPO_ROOT / "configs" / "deepspeed" / f"{spec}.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"deepspeed_config: {path!r} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"deepspeed_config: {path!r} must hold a JSON object (DeepSpeed config keys), got a "
+                             f"{type(data).__name__}")
+        return data
     if spec in ("zero0", "zero1", "zero2", "zero3"):
         # Minimal stand-in while configs/deepspeed/ is absent (e.g. an installed wheel).
         return {"zero_optimization": {"stage": int(spec[-1])}}
@@ -227,11 +310,10 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
     if cfg.engine not in ENGINES:
         bad("engine", f"unknown engine {cfg.engine!r}; allowed: {', '.join(ENGINES)}")
     cfg.model_config = resolve_model_config(cfg.model)
+    if cfg.vocab_size is None and "vocab_size" not in cfg.model_config:
+        bad("model", f"{cfg.model!r} has no vocab_size; add it or pass --vocab-size N / auto")
     if cfg.engine == "deepspeed":
         cfg.deepspeed_dict = resolve_deepspeed_config(cfg.deepspeed_config)
-        if cfg.optimizer == "mgup_muon":
-            bad("optimizer", "mgup_muon needs whole matrices; DeepSpeed ZeRO hands the optimizer flat partitions. "
-                             "Use --engine ddp or fsdp2 for Muon")
     if cfg.data_path is not None:
         cfg.dataset = "c4"
         if not os.path.isdir(cfg.data_path):
@@ -248,6 +330,10 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
         parse_roots(cfg.pysource_roots)
         if cfg.pysource_max_bytes is not None and cfg.pysource_max_bytes <= 0:
             bad("pysource_max_bytes", f"must be positive, got {cfg.pysource_max_bytes}")
+    if cfg.name is not None:
+        _check_name(cfg.name)
+    if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
+        bad("timeout", f"must be a positive number of seconds, got {cfg.timeout}")
     if cfg.tokenizer is None:
         cfg.tokenizer = "byte" if cfg.dataset in ("embedded", "pysource") else "t5-base"
     if cfg.packing is None:
@@ -303,6 +389,15 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
             bad("opt_kwargs", f"not a JSON object: {e}")
         if not isinstance(cfg.opt_kwargs, dict):
             bad("opt_kwargs", "must be a JSON object")
+    if cfg.opt_kwargs:
+        # One source of truth: a setting with its own flag is set by that flag (which
+        # config.json, the resume checks and the DeepSpeed file checks all read).
+        # The MGUP flags default to unset: the kwarg may carry them then (a baseline run
+        # drops them with --opt-kwargs '{}'), never both.
+        owned = sorted(k for k in cfg.opt_kwargs if k in _FLAG_OF_KWARG
+                       and (k in ("lr", "betas", "eps", "weight_decay", "adamw_lr") or getattr(cfg, k) is not None))
+        if owned:
+            bad("opt_kwargs", "; ".join(f"{k!r} is set by its own flag: pass {_FLAG_OF_KWARG[k]} only" for k in owned))
     if cfg.vocab_size is not None and cfg.vocab_size != "auto":
         try:
             cfg.vocab_size = int(cfg.vocab_size)
@@ -324,12 +419,30 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
     _check_out_dir(cfg.out_dir)
 
 
+# optimizer keyword -> the flag that sets it (never through --opt-kwargs)
+_FLAG_OF_KWARG = {"lr": "--lr (--muon-lr for mgup_muon's matrices)", "betas": "--beta1/--beta2", "eps": "--eps",
+                  "weight_decay": "--weight-decay", "mask_ratio": "--mask-ratio", "alpha": "--alpha",
+                  "gamma": "--gamma", "tau": "--tau", "scope": "--scope", "adamw_lr": "--lr"}
+
+
+def _check_name(name: str) -> None:
+    """A run name names a directory under runs/; it is never a path."""
+    if (not isinstance(name, str) or not name.strip() or "/" in name or os.sep in name
+            or (os.altsep and os.altsep in name) or name in (".", "..") or "\0" in name):
+        raise ValueError(f"name: {name!r} is not a run name: use letters, digits, '-', '_' or '.', without path "
+                         "separators or '..' (to write elsewhere, pass --out-dir)")
+
+
 def _check_out_dir(out_dir: str) -> None:
     """--out-dir must be a directory, or creatable: the nearest existing ancestor is a
     writable directory.  (The trainer also writes a probe file before any work, which
     catches what permission bits cannot tell, e.g. a read-only mount.)"""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir: {out_dir!r} exists and is not a directory")
+    ck = os.path.join(out_dir, "checkpoints")
+    if os.path.exists(ck) and not os.path.isdir(ck):
+        raise ValueError(f"out_dir: {ck!r} exists and is not a directory; move it away (checkpoints are written "
+                         "there)")
     p = os.path.abspath(out_dir)
     while not os.path.exists(p):
         p = os.path.dirname(p)
@@ -342,11 +455,26 @@ def _check_out_dir(out_dir: str) -> None:
 # What must match for an automatic resume to be the same run.
 _FINGERPRINT_KEYS = ("model", "optimizer", "engine", "steps", "global_batch", "seq_len", "lr", "dataset",
                      "tokenizer", "seed", "min_lr_ratio", "warmup_steps", "weight_decay", "mask_ratio", "alpha",
-                     "gamma", "tau", "scope", "vocab_size", "packing", "pysource_roots", "pysource_max_bytes")
+                     "gamma", "tau", "scope", "packing", "pysource_roots", "pysource_max_bytes")
 
 
 def fingerprint(cfg) -> Dict:
-    return {k: getattr(cfg, k) for k in _FINGERPRINT_KEYS}
+    """The settings that make a run the same run, as the optimizer resolves them: passing
+    a default explicitly (--tau 0.5, --mask-ratio 0.5) is no change.  The vocabulary is
+    compared after the tokenizer is built (--vocab-size auto may equal the model's)."""
+    fp = {k: getattr(cfg, k) for k in _FINGERPRINT_KEYS}
+    if cfg.optimizer != "adamw":
+        from .optim import optimizer_spec
+
+        _, kw = optimizer_spec(cfg)
+        tau = kw.get("tau")
+        fp["alpha"] = 1.0 / tau if tau is not None else float(kw.get("alpha", 2.0) if kw.get("alpha") is not None else 2.0)
+        fp["gamma"] = float(tau) if tau is not None else float(kw.get("gamma", 0.5) if kw.get("gamma") is not None else 0.5)
+        fp["tau"] = None
+        mr = kw.get("mask_ratio")
+        fp["mask_ratio"] = float(mr) if mr is not None else 0.5
+        fp["scope"] = kw.get("scope") or "tensor"
+    return fp
 
 
 def to_jsonable(cfg) -> Dict:

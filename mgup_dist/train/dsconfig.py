@@ -51,15 +51,34 @@ def check_deepspeed_file(cfg) -> None:
 
     from .optim import optimizer_spec
 
+    # Shapes first: DeepSpeed would fail on them deep inside initialize (or ignore them).
+    for key in ("bf16", "fp16", "zero_optimization", "optimizer"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise ValueError(f"{where}: {key!r} must be a JSON object (e.g. {{\"enabled\": true}} for bf16, "
+                             f"{{\"stage\": 2}} for zero_optimization), got {ds[key]!r}")
+    for key in ("bf16", "fp16"):
+        if key in ds and ds[key].get("enabled", "auto") not in (True, False, "auto"):
+            raise ValueError(f"{where}: {key}.enabled must be true, false or \"auto\", got {ds[key]['enabled']!r}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     class_name, kw = optimizer_spec(cfg)
+    kw = {k: v for k, v in kw.items() if k != "adamw_lr"}   # mgup_muon: a param group's lr, not a keyword
     block = ds.get("optimizer")
     if block is not None:
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             raise ValueError(f"{where}: 'optimizer' must be an object with a string 'type'")
+        if not isinstance(block.get("params") or {}, dict):
+            raise ValueError(f"{where}: optimizer.params must be a JSON object of keyword arguments, got "
+                             f"{block.get('params')!r}")
         ftype, fparams = block["type"], dict(block.get("params") or {})
         if class_name == "AdamW":
             if ftype.lower() not in ("adamw", "adam"):
                 conflict("optimizer.type", ftype, cfg.optimizer, "--optimizer")
+            dropped = sorted(k for k in fparams if k not in kw)
+            if dropped:
+                raise ValueError(f"{where}: optimizer.params {dropped} would not be used: the adamw baseline takes "
+                                 f"only {sorted(kw)} (from the flags); remove them")
         else:
             import torch
 

@@ -24,6 +24,15 @@ from .optim import CosineWithWarmup, build_optimizer, build_scheduler, optimizer
 __all__ = ["build_engine", "Engine", "load_optimizer_state"]
 
 
+def _load_file(file: str, **kw):
+    """``torch.load(weights_only=True)``; a failure names the file (resume falls back on it)."""
+    try:
+        return torch.load(file, weights_only=True, **kw)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RuntimeError(f"{os.path.basename(file)} does not load ({type(e).__name__}: {first})") from e
+
+
 def _labels(ids: torch.Tensor, pad_id: Optional[int]) -> torch.Tensor:
     labels = ids.clone()
     if pad_id is not None:
@@ -39,7 +48,6 @@ class Engine:
         self.bf16 = cfg.bf16
         self.raw_model = model
         self.skipped = False       # did the last step() skip the update (non-finite gradient norm)?
-        self.inject_nan = False    # test-only: make the next training losses NaN
 
     # -- helpers shared by ddp / fsdp2
     def _autocast(self):
@@ -56,10 +64,7 @@ class Engine:
         with self._autocast():
             out = module(input_ids=ids, labels=labels)
         count = (labels[:, 1:] != IGNORE_INDEX).sum()
-        loss = out.loss.float()
-        if self.inject_nan and module.training:   # test-only fault injection (trainer's MGUP_DIST_TEST_NAN)
-            loss = loss * float("nan")
-        return loss, count
+        return out.loss.float(), count
 
     def _step_if_finite(self, norm: torch.Tensor) -> torch.Tensor:
         """Skip the update when the global gradient norm is inf/NaN (as Megatron and
@@ -102,6 +107,10 @@ class DDPEngine(Engine):
         else:
             self.model = model
         self.optimizer = build_optimizer(model, cfg)
+        if self.distributed and hasattr(self.optimizer, "replicated"):
+            # DDP replicas: the MGUP optimizers check that every rank steps with the same
+            # hyperparameters (a ValueError naming the setting, not drifting replicas).
+            self.optimizer.replicated()
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
     def forward_backward(self, ids, last: bool):
@@ -124,9 +133,9 @@ class DDPEngine(Engine):
             torch.save(self.scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
 
     def load(self, path: str) -> None:
-        self.raw_model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=self.device))
+        self.raw_model.load_state_dict(_load_file(os.path.join(path, "model.pt"), map_location=self.device))
         load_optimizer_state(self.optimizer, os.path.join(path, "optimizer.pt"))
-        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+        self.scheduler.load_state_dict(_load_file(os.path.join(path, "scheduler.pt")))
 
 
 class FSDP2Engine(Engine):
@@ -187,7 +196,7 @@ class FSDP2Engine(Engine):
         state = self._dcp_state()   # allocates optimizer state (a zero-lr step) so DCP has targets
         dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+        self.scheduler.load_state_dict(_load_file(os.path.join(path, "scheduler.pt")))
 
 
 class DeepSpeedEngine(Engine):
@@ -216,6 +225,8 @@ class DeepSpeedEngine(Engine):
             if offload in (None, "none"):
                 kw["torch_adam"] = True      # torch's AdamW, not DeepSpeed's fused CUDA kernel
             kw["adam_w_mode"] = True
+        groups = param_groups(model, cfg, kw)
+        kw.pop("adamw_lr", None)   # mgup_muon: already the lr of its AdamW-fallback groups
         ds["optimizer"] = {"type": class_name, "params": kw}
         ds.pop("scheduler", None)
         ds["train_batch_size"] = cfg.global_batch
@@ -227,7 +238,6 @@ class DeepSpeedEngine(Engine):
         ds.setdefault("steps_per_print", 10 ** 9)
         ds.setdefault("wall_clock_breakdown", False)
         self.ds_config = ds
-        groups = param_groups(model, cfg, kw)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds,
             lr_scheduler=lambda opt: CosineWithWarmup(opt, warmup=cfg.warmup_steps, total=cfg.steps,
@@ -269,7 +279,7 @@ class DeepSpeedEngine(Engine):
         load_path, _ = self.model.load_checkpoint(path, tag="ds", load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
         if load_path is None:
-            raise ValueError(f"resume: DeepSpeed found no checkpoint under {path!r}")
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path!r}")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, file: str) -> None:
@@ -283,7 +293,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, file: str) -> None:
     where capturable/fused optimizers want it.  A counter saved elsewhere (an older
     checkpoint written from the device, or in float64) is put back to the fresh layout:
     a CPU float32 0-d tensor for non-capturable, non-fused groups."""
-    optimizer.load_state_dict(torch.load(file, map_location="cpu"))
+    optimizer.load_state_dict(_load_file(file, map_location="cpu"))
     for group in optimizer.param_groups:
         if group.get("capturable") or group.get("fused"):
             continue   # torch's policy already put 'step' on the parameter's device, fp32

@@ -1,11 +1,11 @@
 """The training loop of ``mgup-dist train``: setup, steps, evaluation, checkpoints, logs."""
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -20,10 +20,21 @@ from . import checkpoint as ckpt
 from .config import fingerprint, parse, to_jsonable
 from .data import build_datasets
 
-__all__ = ["train", "run"]
+__all__ = ["train", "run", "CollectiveTimeout"]
 
-FAULT_ENV = "MGUP_DIST_TEST_FAULT"   # test-only: "RANK:STEP:MARKER" -> that rank SIGKILLs itself once
-NAN_ENV = "MGUP_DIST_TEST_NAN"       # test-only: "RANK:STEP[,STEP...]" -> that rank's losses are NaN at those steps
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than ``--timeout`` for another rank."""
+
+
+# What this rank is doing, for the message of a collective that times out.
+_PHASE = ["setup"]
+
+
+def _is_timeout(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
+
 
 
 def _free_port() -> int:
@@ -63,12 +74,23 @@ def _init_distributed(cfg):
                               LOCAL_RANK="0")
         backend = dev.comm_backend(device)
         store = _elastic_store(world)
+        # A rank that stops answering (frozen, swapped out, stuck in I/O) fails every
+        # collective after --timeout seconds instead of torch's 30-minute default.
+        timeout = datetime.timedelta(seconds=cfg.timeout)
         if store is not None:
-            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
-            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
         created = True
     return rank, world, device, created
+
+
+def _gather_obj(obj) -> list:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [None] * dist.get_world_size()
+        dist.all_gather_object(box, obj)
+        return box
+    return [obj]
 
 
 def _broadcast_obj(obj):
@@ -88,14 +110,17 @@ def _prepare_metrics_log(path: str, resume_step: int, out_dir: str) -> None:
     if not os.path.isfile(path):
         return
     kept, dropped = [], []
-    with open(path) as f:
-        lines = f.read().split("\n")
+    with open(path, "rb") as f:
+        # bytes that are not UTF-8 (a foreign or damaged file) make their line unparsable, not the run
+        lines = f.read().decode("utf-8", errors="replace").split("\n")
     for i, ln in enumerate(lines):
         if not ln.strip():
             continue
         try:
             rec = json.loads(ln)
-            ok = isinstance(rec, dict)
+            ok = isinstance(rec, dict) and "\ufffd" not in ln
+            # a record's step orders the history: it must be an integer when present
+            ok = ok and (not isinstance(rec.get("step", 0), bool) and isinstance(rec.get("step", 0), int))
         except ValueError:
             ok = False
         if not ok:
@@ -243,39 +268,80 @@ class _OptimizerTimer:
         return 1e3 * self._all_sum / self._all_n if self._all_n else None
 
 
-def _resolve_resume(cfg, ckpt_root: str, rank: int) -> Optional[str]:
-    """The checkpoint to resume from (rank 0 decides).  auto/latest: the newest
-    ``step_N`` that verifies against its manifest; newer ones that do not are skipped with
-    a warning naming the reason.  Checkpoints present but none usable: ValueError, never a
-    silent fresh start."""
-    path = None
+def _resume_candidates(cfg, ckpt_root: str) -> List[str]:
+    """Checkpoints to try, newest first (rank 0): every ``step_N`` for auto/latest, the
+    given directory for ``--resume DIR``, none for ``never`` (which deletes them)."""
     if cfg.resume == "never":
-        if rank == 0 and os.path.isdir(ckpt_root):
+        if os.path.isdir(ckpt_root):
             shutil.rmtree(ckpt_root)
-    elif cfg.resume in ("auto", "latest"):
-        candidates = ckpt.candidate_checkpoints(ckpt_root)
-        reasons = []
-        for cand in reversed(candidates):
-            why = ckpt.verify_checkpoint(cand)
-            if why is None:
-                path = cand
-                break
-            reasons.append(f"{os.path.basename(cand)}: {why}")
-            _event(cfg.out_dir, f"resume: skipping checkpoint {cand!r}: {why}")
-        if path is None and candidates:
-            raise ValueError(f"resume: {len(candidates)} checkpoint(s) in {ckpt_root!r} but none is usable ("
-                             + "; ".join(reasons) + "); pass --resume never to start over (deletes them) or "
-                             "--resume DIR with a checkpoint from elsewhere")
-        if path is None and cfg.resume == "latest":
-            raise ValueError(f"resume: no checkpoint in {ckpt_root!r}")
-        if path is not None and reasons:
-            _event(cfg.out_dir, f"resume: falling back to {path!r}")
-    else:
-        path = cfg.resume
-        why = ckpt.verify_checkpoint(path)
-        if why is not None:
-            raise ValueError(f"resume: {path!r} is not a usable checkpoint: {why}")
-    return path
+        return []
+    if cfg.resume in ("auto", "latest"):
+        return list(reversed(ckpt.candidate_checkpoints(ckpt_root)))
+    return [cfg.resume]
+
+
+def _pick_checkpoint(cfg, cands: List[str], start: int, reasons: List[str], ckpt_root: str) -> Optional[int]:
+    """Index of the first of ``cands[start:]`` that verifies against its manifest and
+    whose trainer state loads (rank 0).  auto/latest skip the others with a warning
+    naming the reason; checkpoints present but none usable: ValueError, never a silent
+    fresh start.  ``reasons`` collects why each skipped one was unusable."""
+    explicit = cfg.resume not in ("auto", "latest")
+    for i in range(start, len(cands)):
+        why = ckpt.verify_checkpoint(cands[i])
+        if why is None:
+            try:
+                ckpt.load_trainer_state(cands[i])
+            except ckpt.UnusableCheckpoint as e:
+                why = str(e)
+        if why is None:
+            if reasons:
+                _event(cfg.out_dir, f"resume: falling back to {cands[i]!r}")
+            return i
+        if explicit:
+            raise ValueError(f"resume: {cands[i]!r} is not a usable checkpoint: {why}")
+        reasons.append(f"{os.path.basename(cands[i])}: {why}")
+        _event(cfg.out_dir, f"resume: skipping checkpoint {cands[i]!r}: {why}")
+    if cands:
+        raise ValueError(f"resume: {len(cands)} checkpoint(s) in {ckpt_root!r} but none is usable ("
+                         + "; ".join(reasons) + "); pass --resume never to start over (deletes them) or "
+                         "--resume DIR with a checkpoint from elsewhere")
+    if cfg.resume == "latest":
+        raise ValueError(f"resume: no checkpoint in {ckpt_root!r}")
+    return None
+
+
+def _decide(fn):
+    """Run ``fn`` on rank 0 and hand its result, or its ValueError, to every rank (so that
+    no rank waits in a collective for one that raised: all raise together)."""
+    decision = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            decision = (fn(), None)
+        except ValueError as e:
+            decision = (None, str(e))
+    result, error = _broadcast_obj(decision)
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+def _check_resume_state(cfg, state: Dict, path: str, world: int) -> Dict:
+    """Refusals (ValueError, before any work) of a checkpoint written by another run
+    configuration; returns the applied setting changes."""
+    mismatch = {k: (v, state["fingerprint"].get(k)) for k, v in fingerprint(cfg).items()
+                if state["fingerprint"].get(k) != v}
+    if mismatch:
+        raise ValueError(
+            f"resume: {path!r} was written by a different run configuration "
+            f"(now vs checkpoint: {mismatch}); pass --resume never to start over, or choose another --name"
+        )
+    if len(state["per_rank"]) != world:
+        # each rank's data position and RNG state are saved per rank: no mapping to another world size
+        raise ValueError(
+            f"resume: {path!r} was written by {len(state['per_rank'])} process(es), this run has "
+            f"{world}; a checkpoint resumes only at the world size that wrote it (every engine): pass --name "
+            f"for a new run, or --resume never to start this one over")
+    return _check_resume_settings(cfg, state.get("settings"), path)
 
 
 # Settings outside the fingerprint that a resume cannot change: the checkpoint's optimizer
@@ -314,11 +380,59 @@ def train(cfg) -> Dict:
     """Run a validated config (see :func:`mgup_dist.train.config.parse`).  Returns the run
     summary (rank 0's view; other ranks return theirs)."""
     rank, world, device, created_pg = _init_distributed(cfg)
+    clean = False
+    _PHASE[0] = "setup"
     try:
-        return _train(cfg, rank, world, device)
+        out = _train(cfg, rank, world, device)
+        clean = True
+        return out
+    except ValueError:
+        # refusals are decided on rank 0 and raised by every rank at the same point
+        clean = True
+        raise
+    except Exception as e:
+        if world > 1 and _is_timeout(e):
+            raise CollectiveTimeout(
+                f"rank {rank} of {world}: a collective timed out (--timeout {cfg.timeout:g} s) during {_PHASE[0]}: "
+                "another rank stopped responding (frozen, killed, out of memory, or far slower); the newest "
+                f"checkpoint in {os.path.join(cfg.out_dir, 'checkpoints')!r} resumes the run; raise --timeout if a "
+                "rank is merely slow (large checkpoints on slow disks)") from e
+        raise
     finally:
-        if created_pg and dist.is_initialized():
+        # After a failure other ranks may be stuck or gone: tearing down could wait on them.
+        if created_pg and dist.is_initialized() and clean:
+            _leave_together(cfg.timeout)
             dist.destroy_process_group()
+
+
+def _leave_together(timeout_s: float) -> None:
+    """Wait until every rank is done with every collective before the group is torn down.
+
+    A barrier alone is not enough: the rank that finishes it first closed its connections
+    while another was still reading the barrier's last message (``terminate called without
+    an active exception``, SIGABRT, in about one run in six).  Arriving here means a rank
+    finished all its collectives, so a count of arrivals in the store is the safe point;
+    rank 0 (which may host the store) leaves last."""
+    store = None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:   # no store (an externally made group): the barrier is what there is
+        pass
+    if store is None or dist.get_world_size() == 1:
+        dist.barrier()
+        return
+    world, rank = dist.get_world_size(), dist.get_rank()
+    deadline = time.monotonic() + timeout_s
+    arrived = store.add("mgup_dist/exit/arrived", 1)
+    while arrived < world:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"exit: only {arrived} of {world} ranks finished within --timeout {timeout_s:g} s")
+        time.sleep(0.01)
+        arrived = store.add("mgup_dist/exit/arrived", 0)
+    left = store.add("mgup_dist/exit/left", 1 if rank else 0)
+    while rank == 0 and left < world - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        left = store.add("mgup_dist/exit/left", 0)
 
 
 def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
@@ -337,41 +451,25 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
 
     # ---- resume decision (rank 0 decides, everyone follows; also its refusal, so that
     # no rank waits in a collective for one that raised)
-    decision = None
-    if is_main:
-        try:
-            decision = (_resolve_resume(cfg, ckpt_root, rank), None)
-        except ValueError as e:
-            decision = (None, str(e))
-    resume_path, resume_error = _broadcast_obj(decision)
-    if resume_error is not None:
-        raise ValueError(resume_error)
+    if os.path.exists(ckpt_root) and not os.path.isdir(ckpt_root):
+        raise ValueError(f"out_dir: {ckpt_root!r} exists and is not a directory; move it away (checkpoints are "
+                         "written there)")
+    reasons: List[str] = []
+
+    def pick(start, cands_box=[]):
+        if start == 0:
+            cands_box[:] = _resume_candidates(cfg, ckpt_root)
+        idx = _pick_checkpoint(cfg, cands_box, start, reasons, ckpt_root)
+        return (list(cands_box), idx)
+
+    cands, idx = _decide(lambda: pick(0))
     ckpt.barrier()
+    resume_path = cands[idx] if idx is not None else None
     resume_state = None
     changed_on_resume: Dict = {}
     if resume_path is not None:
-        resume_state = torch.load(os.path.join(resume_path, "trainer_state.pt"), weights_only=False)
-        mismatch = {k: (v, resume_state["fingerprint"].get(k)) for k, v in fingerprint(cfg).items()
-                    if resume_state["fingerprint"].get(k) != v}
-        if mismatch:
-            raise ValueError(
-                f"resume: {resume_path!r} was written by a different run configuration "
-                f"(now vs checkpoint: {mismatch}); pass --resume never to start over, or choose another --name"
-            )
-        if len(resume_state["per_rank"]) != world:
-            # each rank's data position and RNG state are saved per rank: no mapping to another world size
-            raise ValueError(
-                f"resume: {resume_path!r} was written by {len(resume_state['per_rank'])} process(es), this run has "
-                f"{world}; the default run name does not hold the world size: pass --name for a new run, or "
-                f"--resume never to start this one over")
-        if resume_state["world_size"] != world and cfg.dataset == "c4":
-            raise ValueError(f"resume: checkpoint world size {resume_state['world_size']} != {world} (C4 stream)")
-        if resume_state["world_size"] != world and cfg.engine == "deepspeed":
-            raise ValueError(f"resume: DeepSpeed checkpoint of world size {resume_state['world_size']} != {world}")
-        changed_on_resume = _check_resume_settings(cfg, resume_state.get("settings"), resume_path)
-        if is_main and changed_on_resume:
-            _event(out_dir, "resume: applying changed settings (checkpoint -> now): "
-                            + ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in sorted(changed_on_resume.items())))
+        resume_state = ckpt.load_trainer_state(resume_path)   # weights_only: no code from a checkpoint runs
+        changed_on_resume = _check_resume_state(cfg, resume_state, resume_path, world)
 
     # ---- data (before the model: bad paths / tokenizers fail before any heavy work)
     data = build_datasets(cfg, rank, world)
@@ -381,6 +479,9 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     elif cfg.vocab_size is not None:
         model_cfg["vocab_size"] = int(cfg.vocab_size)
     vocab = model_cfg["vocab_size"]
+    if resume_state is not None and resume_state.get("vocab_size", vocab) != vocab:
+        raise ValueError(f"resume: {resume_path!r} was written with a vocabulary of {resume_state['vocab_size']} "
+                         f"entries, this run's is {vocab} (--vocab-size / --model / --tokenizer)")
     if int(data.val.max()) >= vocab:
         raise ValueError(f"vocab_size: the tokenizer {cfg.tokenizer!r} produces id {int(data.val.max())} but the model's "
                          f"vocabulary has {vocab} entries; pass --vocab-size auto or a larger model config")
@@ -396,18 +497,51 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     engine = build_engine(cfg, model, device, data.tokenizer.pad_token_id)
 
     start_step = 0
-    if resume_state is not None:
-        engine.load(resume_path)
-        start_step = int(resume_state["step"])
-        data.train.load_state_dict(resume_state["per_rank"][rank]["data"])
-        ckpt.set_rng_state(resume_state["per_rank"][rank]["rng"], device)
+    while resume_state is not None:
+        # A checkpoint can match its manifest (regenerated by hand, or written by a
+        # faulty disk before hashing) and still not load: fall back to the next one.
+        err = None
+        try:
+            engine.load(resume_path)
+            data.train.load_state_dict(resume_state["per_rank"][rank]["data"])
+            ckpt.set_rng_state(resume_state["per_rank"][rank]["rng"], device)
+        except Exception as e:
+            err = f"rank {rank}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+        errors = _gather_obj(err)
+        errors = [e for e in errors if e is not None]
+        if not errors:
+            start_step = int(resume_state["step"])
+            if is_main and changed_on_resume:
+                _event(out_dir, "resume: applying changed settings (checkpoint -> now): "
+                                + ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in sorted(changed_on_resume.items())))
+            break
+        why = "verifies against its manifest but does not load (" + "; ".join(errors) + ")"
+        if cfg.resume not in ("auto", "latest"):
+            raise ValueError(f"resume: {resume_path!r} is not a usable checkpoint: {why}")
+        if is_main:
+            reasons.append(f"{os.path.basename(resume_path)}: {why}")
+            _event(out_dir, f"resume: skipping checkpoint {resume_path!r}: {why}")
+        cands, idx = _decide(lambda: pick(idx + 1))
+        resume_path = cands[idx] if idx is not None else None
+        resume_state = None
+        if resume_path is not None:
+            resume_state = ckpt.load_trainer_state(resume_path)
+            changed_on_resume = _check_resume_state(cfg, resume_state, resume_path, world)
 
     if start_step >= cfg.steps:   # a finished run: nothing to do (a rerun, or a restart after the end)
         summary_path = os.path.join(out_dir, "summary.json")
         summary = {}
         if os.path.isfile(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
+            try:
+                with open(summary_path, "rb") as f:
+                    summary = json.loads(f.read().decode("utf-8"))
+                if not isinstance(summary, dict):
+                    raise ValueError(f"a JSON {type(summary).__name__}, not an object")
+            except ValueError as e:   # a damaged or foreign file: the checkpoint is what counts
+                if is_main:
+                    _event(out_dir, f"summary: {summary_path!r} is not a JSON object ({e}); ignored, the run is "
+                                    f"complete per its step-{start_step} checkpoint")
+                summary = {}
         summary.update(steps=start_step, start_step=start_step)
         if is_main:
             print(f"[mgup-dist train] {cfg.name} is already complete ({start_step} steps) in {out_dir}", flush=True)
@@ -436,22 +570,12 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
               f"{cfg.save_every or cfg.steps} steps, newest {cfg.keep_checkpoints} kept "
               f"(--save-every, --keep-checkpoints)", flush=True)
 
-    fault = os.environ.get(FAULT_ENV)
-    fault_rank = fault_step = fault_marker = None
-    if fault:
-        r, s, fault_marker = fault.split(":", 2)
-        fault_rank, fault_step = int(r), int(s)
-
     pbar = None
     if is_main and not cfg.no_progress:
         from tqdm.auto import tqdm
 
         pbar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True)
 
-    nan_rank, nan_steps = None, set()
-    if os.environ.get(NAN_ENV):
-        r, steps_s = os.environ[NAN_ENV].split(":", 1)
-        nan_rank, nan_steps = int(r), {int(x) for x in steps_s.split(",")}
     skipped_total = int(resume_state.get("skipped_steps", 0)) if resume_state is not None else 0
     skipped_run = 0   # consecutive
 
@@ -470,15 +594,17 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     engine.train(True)
     while step < cfg.steps:
         lr = engine.lr
-        engine.inject_nan = nan_rank == rank and (step + 1) in nan_steps
+        _PHASE[0] = f"step {step + 1} (forward, backward, gradient reduction)"
         for micro in range(cfg.grad_accum):
             ids = data.train.next_micro()
             if int(ids.max()) >= vocab:
                 raise ValueError(f"vocab_size: token id {int(ids.max())} >= model vocab {vocab}; pass --vocab-size auto")
             loss_acc += engine.forward_backward(ids, last=micro == cfg.grad_accum - 1)
             n_acc += 1
+        _PHASE[0] = f"step {step + 1} (clipping and optimizer step)"
         gnorm = engine.step()
         step += 1
+        _PHASE[0] = f"logging of step {step}"
         steps_since += 1
         if engine.skipped:
             skipped_total, skipped_run = skipped_total + 1, skipped_run + 1
@@ -522,6 +648,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             pbar.update(1)
 
         if step % cfg.eval_every == 0 or step == cfg.steps:
+            _PHASE[0] = f"evaluation at step {step}"
             vl = _evaluate(engine, data.val, cfg.eval_micro_batch, device)
             rec = {"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50.0)), "train_s": train_time}
             metrics.log(rec)
@@ -534,16 +661,11 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
 
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
             state = {"step": step, "fingerprint": fingerprint(cfg), "world_size": world, "name": cfg.name,
-                     "settings": _resume_settings(cfg), "skipped_steps": skipped_total,
+                     "settings": _resume_settings(cfg), "skipped_steps": skipped_total, "vocab_size": vocab,
                      "per_rank": {"data": data.train.state_dict(), "rng": ckpt.rng_state(device)}}
+            _PHASE[0] = f"checkpoint of step {step}"
             ckpt.save_checkpoint(ckpt_root, step, engine, state, rank, cfg.keep_checkpoints)
             t_mark = time.perf_counter()
-
-        if fault_rank == rank and step == fault_step and not os.path.exists(fault_marker):
-            with open(fault_marker, "w") as f:
-                f.write(f"rank {rank} killed itself after step {step}\n")
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
 
     if pbar is not None:
         pbar.close()
