@@ -120,7 +120,7 @@ def test_train_on_local_c4_shards(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["dataset"] == "c4" and cfg["packing"] == "pad"
     assert s["steps"] == 10 and math.isfinite(s["final_val_loss"]) and s["final_val_loss"] < 5.0
-    state = torch.load(out / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step_00000010" / "trainer_state.pt", weights_only=True)
     data_state = state["per_rank"][0]["data"]
     assert data_state["kind"] == "docs" and data_state["docs_read"] >= 40   # 10 steps x 4 one-document samples
 
