@@ -559,11 +559,12 @@ def _stepped(p, u, phi, c):
 
 
 def _make(rule: str, phase: str, authors: bool, maximize: bool):
-    sgn = -1.0 if maximize else 1.0
+    def sgn(g):  # maximize: the rule sees -g
+        return -g if maximize else g
 
     if rule == "adamw":
         def score(g, m, v, key, c):
-            g = g * sgn
+            g = sgn(g)
             m2 = m * c[0] + g * c[1]
             v2 = v * c[2] + g * g * c[3]
             fdt = torch.float64 if key.dtype == torch.int64 else torch.float32
@@ -578,7 +579,7 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             p.copy_(_stepped(p, u, phi, c))
 
         def cautious(p, g, m, v, c):
-            g = g * sgn
+            g = sgn(g)
             m2 = m * c[0] + g * c[1]
             v2 = v * c[2] + g * g * c[3]
             u = _adamw_u(m2, v2, c, authors)
@@ -589,20 +590,20 @@ def _make(rule: str, phase: str, authors: bool, maximize: bool):
             p.copy_(_stepped(p, u, phi, c))
     else:  # lion: u from the old momentum, the momentum moves after the step
         def score(g, m, key, c):
-            g = g * sgn
+            g = sgn(g)
             fdt = torch.float64 if key.dtype == torch.int64 else torch.float32
             s = (_sign(m * c[0] + g * c[1]) * g).to(fdt)
             key.copy_(_key(s, key.dtype))
 
         def apply(p, g, m, key, t, c):
-            g = g * sgn
+            g = sgn(g)
             u = _sign(m * c[0] + g * c[1])
             phi = torch.where(key >= t, c[4], c[5])
             p.copy_(_stepped(p, u, phi, c))
             m.copy_(m * c[2] + g * c[3])
 
         def cautious(p, g, m, c):
-            g = g * sgn
+            g = sgn(g)
             u = _sign(m * c[0] + g * c[1])
             s = u * g
             phi = torch.where((s >= 0) if authors else (s > 0), c[4], c[5])
