@@ -401,12 +401,14 @@ _SAMPLES = {}
 
 
 def _pool():
+    """The selection's worker threads (as many as torch's), made again in a forked child
+    (a fork copies the executor but not its threads)."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)),
-                                       thread_name_prefix="mgup-select")
-        return _POOL
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)),
+                                                     thread_name_prefix="mgup-select"))
+        return _POOL[1]
 
 
 def _sample_idx(n: int) -> np.ndarray:
