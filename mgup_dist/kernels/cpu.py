@@ -162,6 +162,10 @@ class CPU(TorchOps):
 
     # ------------------------------------------------------------------ phase 1
     def score(self, rule, hp, chunk, bufs, scratch):
+        if torch.compiler.is_compiling():
+            # traced by torch.compile(opt.step): aot_autograd refuses the block path's in-place
+            # ops on the scratch's integer view; the torch-ops phases trace
+            return super().score(rule, hp, chunk, bufs, scratch)
         if not chunk.pieces:
             return None
         keys = scratch.view(_ity(scratch.dtype))
@@ -234,27 +238,27 @@ class CPU(TorchOps):
         return hist
 
     def tie_counts(self, chunk, keys, t_key):
+        # torch ops, not numpy: under torch.compile(opt.step) these run traced
         t = t_key.tolist()
-        arr = keys.numpy()
         return torch.tensor(
-            [int(np.count_nonzero(arr[pc.offset: pc.offset + pc.length] == t[pc.unit])) if pc.unit >= 0 else 0
-             for pc in chunk.pieces],
+            [int((keys[pc.offset: pc.offset + pc.length] == t[pc.unit]).sum()) if pc.unit >= 0 else 0 for pc in chunk.pieces],
             dtype=torch.int64,
         )
 
     def resolve_ties(self, chunk, keys, t_key, take):
         t, take = t_key.tolist(), take.tolist()
-        arr = keys.numpy()
         for pc, n in zip(chunk.pieces, take):
             if pc.unit < 0:
                 continue
-            k = arr[pc.offset: pc.offset + pc.length]
-            ties = np.flatnonzero(k == t[pc.unit])
-            if ties.size > n:
+            k = keys[pc.offset: pc.offset + pc.length]
+            ties = torch.nonzero(k == t[pc.unit]).flatten()
+            if ties.numel() > n:
                 k[ties[n:]] -= 1  # the later ties drop below t: lower index wins
 
     # ------------------------------------------------------------------ phase 3
     def apply(self, rule, hp, chunk, bufs, scratch, t_key, denom):
+        if torch.compiler.is_compiling():  # see score
+            return super().apply(rule, hp, chunk, bufs, scratch, t_key, denom)
         if not chunk.pieces:
             if rule.matrix:
                 hp["matrix_hook"](chunk, [])  # the whole-matrix assembly is a collective: enter it
@@ -334,7 +338,7 @@ class CPU(TorchOps):
     def cautious(self, rule, hp, chunk, bufs, t_const):
         """phi = alpha where s > 0 (authors: s >= 0), in one pass per block (eager) or piece
         (compiled): no keys, no scratch."""
-        if rule.matrix:
+        if rule.matrix or torch.compiler.is_compiling():  # see score
             return False
         steps = _step_sizes(hp, [bufs.bc1[pc.buf] for pc in chunk.pieces], [bufs.bc2[pc.buf] for pc in chunk.pieces])
         if self._fused(rule):
