@@ -1,8 +1,9 @@
-"""What an optimizer holds, and what a step allocates on top (issue: memory is a feature).
+"""What an optimizer holds, and what a step allocates on top.
 
 * ``state_bytes(opt)``: bytes of the optimizer's state tensors (torch's names: what a
   checkpoint carries); ``held_bytes(opt)``: state plus any buffer the optimizer keeps
-  between steps (the CPU scratch).
+  between steps (the CPU key scratch: at most one byte a parameter; block temporaries
+  live for one step only).
 * ``StepPeak``: the peak of bytes allocated and still alive during a block of eager
   torch code, by watching every tensor storage that torch ops create in it (a
   ``TorchDispatchMode``): works on any device, including the CPU, where torch keeps no

@@ -633,15 +633,24 @@ class _MGUPOptimizer(Optimizer):
 
     def _workspace(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A flat buffer of >= n elements.  CPU: kept across steps and grown as needed
-        (writing fresh memory costs several times more than reusing it: page faults);
-        other devices: fresh from the caching allocator, so nothing is held between steps."""
+        (writing fresh memory costs several times more than reusing it: page faults), up to
+        one byte per parameter of this optimizer in all (the bound on what MGUP holds beyond
+        AdamW's state); a larger chunk's scratch (a tensor over ~25 % of the model, in
+        4-byte keys) is made for the step and freed.  Other devices: fresh from the caching
+        allocator, so nothing is held between steps."""
         if device.type != "cpu":
             return torch.empty(n, dtype=dtype, device=device)
         key = dtype
         buf = self._scratch.get(key)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=dtype)
-            self._scratch[key] = buf
+        if buf is not None and buf.numel() >= n:
+            return buf
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        budget = sum(_local(p).numel() for g in self.param_groups for p in g["params"])
+        budget -= sum(b.untyped_storage().nbytes() for k, b in self._scratch.items() if k != key)
+        if n * itemsize > budget:
+            return torch.empty(n, dtype=dtype)
+        buf = torch.empty(n, dtype=dtype)
+        self._scratch[key] = buf
         return buf
 
     def release_scratch(self) -> None:
