@@ -171,10 +171,14 @@ class _MGUPOptimizer(Optimizer):
     def _snapshot(group) -> tuple:
         return tuple(
             (k, v if not isinstance(v, torch.Tensor) else ("tensor", v.data_ptr()))
-            for k, v in sorted(group.items()) if k not in ("params", "_validated")
+            for k, v in sorted(group.items(), key=lambda kv: kv[0]) if k not in ("params", "_validated")
         )
 
     def _revalidate(self) -> None:
+        if torch.compiler.is_compiling():
+            # traced, a python hyperparameter is a guard (a changed value recompiles, and the
+            # eager step that follows re-validates); a tensor lr is not read back to the host
+            return
         for i, group in enumerate(self.param_groups):
             if group.get("_validated") != self._snapshot(group):
                 self._validate(group, f" (param group {i}, changed after construction)")

@@ -45,17 +45,21 @@ __all__ = ["TorchOps", "TopK", "NPU_OPS", "step_sizes"]
 
 #: ATen ops (overload packets) a step of this backend may issue on a device; see the module doc
 NPU_OPS = frozenset({
-    "_foreach_add", "_foreach_add_", "_foreach_sub", "_foreach_sub_", "_foreach_mul", "_foreach_mul_",
-    "_foreach_div", "_foreach_div_", "_foreach_addcmul_", "_foreach_sqrt", "_foreach_sqrt_", "_foreach_neg",
-    "_foreach_neg_", "_foreach_copy_", "_foreach_pow",
-    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "sqrt", "pow", "reciprocal",
-    "eq", "ne", "gt", "ge", "lt", "le", "bitwise_and_", "bitwise_and", "bitwise_or", "bitwise_xor_",
-    "bitwise_right_shift", "bitwise_left_shift", "__rshift__", "__lshift__", "__and__", "__or__",
-    "logical_and", "logical_or", "where", "masked_fill_", "isnan", "sign", "clamp", "clamp_", "clamp_min",
-    "clamp_min_", "clamp_max", "clamp_max_", "cumsum", "index_select", "gather", "scatter_add_",
-    "repeat_interleave", "searchsorted", "zeros", "ones", "full", "fill_", "zero_", "stack", "cat", "_to_copy",
-    "copy_", "abs", "amax", "max", "sum", "linalg_vector_norm", "mm", "addmm", "t", "isfinite", "scalar_tensor",
-    "_local_scalar_dense_cpu_only",
+    # multi-tensor arithmetic
+    "_foreach_add", "_foreach_add_", "_foreach_sub", "_foreach_sub_", "_foreach_mul", "_foreach_mul_", "_foreach_div",
+    "_foreach_div_", "_foreach_addcmul_", "_foreach_sqrt", "_foreach_sqrt_", "_foreach_neg", "_foreach_neg_",
+    "_foreach_copy_", "_foreach_pow",
+    # elementwise float / int arithmetic, comparisons, bit ops and shifts
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "sqrt", "pow", "abs", "sign", "isnan",
+    "isfinite", "eq", "ne", "gt", "ge", "lt", "le", "where", "masked_fill_", "clamp", "clamp_", "clamp_min",
+    "clamp_min_", "clamp_max", "clamp_max_", "bitwise_and", "bitwise_and_", "bitwise_or", "bitwise_xor",
+    "bitwise_xor_", "bitwise_right_shift", "bitwise_right_shift_", "bitwise_left_shift_", "__rshift__",
+    # scans, gathers, segmented counts, sorted search over cumulative counts (no sort)
+    "cumsum", "sum", "amax", "index_select", "gather", "scatter_add_", "repeat_interleave", "searchsorted",
+    # fills, copies, casts
+    "zeros", "ones", "full", "new_full", "new_ones", "fill_", "zero_", "clone", "copy_", "_to_copy", "stack", "cat",
+    # Muon's Newton-Schulz
+    "mm", "linalg_vector_norm",
 })
 
 
