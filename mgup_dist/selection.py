@@ -20,7 +20,10 @@ captured in a CUDA graph.  A backend may replace the radix select of chunks held
 this rank by something faster (CPU: introselect).
 
 Collectives per split chunk and step: ``len(radix_widths) + 1`` all-reduces of
-``n_units x (4096 | 1024)`` and ``n_slots`` int64, whatever the tensors' sizes.
+``n_units x (4096 | 1024)`` and ``n_slots`` int64, whatever the tensors' sizes (the torch-ops
+backend's own select: one per pass of its digit widths, chosen from the chunk's global sizes,
+plus one for the ties).  ``choose_digit`` and ``tie_cutoff`` are the two decisions of the
+selection, as small functions every backend's kernels are tested against.
 """
 from __future__ import annotations
 

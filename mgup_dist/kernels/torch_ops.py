@@ -255,6 +255,7 @@ class TorchOps(Backend):
                 "lengths": ext([p.length for p in ps]),
                 "starts": ext([p.offset for p in ps]),
                 "unit": ext([(p.unit if p.unit >= 0 else U) + 2 for p in ps]),
+                "one": torch.ones(1, dtype=torch.int64, device=device),
             }
             if not fast:
                 ut = unit_tables(chunk, device)
@@ -292,7 +293,7 @@ class TorchOps(Backend):
             eu = ep.clamp_max(U + 2) if tab["pad"] else ep  # units are the first pieces, padding after
         else:
             eu = tab["unit"].index_select(0, ep)
-        ones = torch.ones(1, dtype=torch.int64, device=dev).expand(N)
+        ones = tab["one"].expand(N)  # the scatter's source: one cached int64 1 (8 bytes kept with the plan)
         h0 = 1 << (widths[0] - 1)
         bases = [Ws[0] - 1 - h0]  # pass 0's histogram inside hist_all: (unit + 2) * W + digit lands on row unit + 1
         for W in Ws[:-1]:
@@ -326,9 +327,10 @@ class TorchOps(Backend):
                 nxt = shift - widths[p + 1]
                 B_next = bases[p + 1] - Ws[p + 1]
                 if p == 0:
-                    # prefix = (col - 1 - 2^(w-1)) << shift;  lo = prefix - 2^nxt - B_next * 2^nxt
-                    lo = (colv - (1 + h0)).bitwise_left_shift_(shift)
-                    lo.sub_((1 << nxt) + B_next * (1 << nxt))
+                    # prefix = (col - 1 - 2^(w-1)) * 2^shift;  lo = prefix - 2^nxt - B_next * 2^nxt
+                    # (int64: no overflow for 32-bit keys)
+                    lo = torch.mul(colv, 1 << shift)
+                    lo.sub_((1 + h0) * (1 << shift) + (1 << nxt) + B_next * (1 << nxt))
                 else:
                     # prefix' = lo + (col + B) << shift  (lo = prefix - 2^shift - B * 2^shift)
                     lo = torch.add(lo, colv, alpha=1 << shift)
