@@ -266,7 +266,7 @@ class TorchOps(Backend):
 
     def _select(self, chunk, keys) -> TopK:
         """The K-th key of every unit of the chunk, and the tie cut-offs, in a fixed number of
-        ops (two radix passes of 16 bits: 18 ops, whatever the number of units).
+        ops (two radix passes of 16 bits: 20 ops, whatever the number of units).
 
         Element ids are ``piece + 2`` (``repeat_interleave`` of the piece lengths behind two
         empty dummy pieces), units ``unit + 2`` (padding: ``units + 2``), so that one
