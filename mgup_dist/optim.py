@@ -226,10 +226,14 @@ class _MGUPOptimizer(Optimizer):
     def _snapshot(group) -> tuple:
         return tuple(
             (k, v if not isinstance(v, torch.Tensor) else ("tensor", v.data_ptr()))
-            for k, v in sorted(group.items()) if k not in ("params", "_validated")
+            for k, v in sorted(group.items(), key=lambda kv: kv[0]) if k not in ("params", "_validated")
         )
 
     def _revalidate(self) -> None:
+        if torch.compiler.is_compiling():
+            # traced, a python hyperparameter is a guard (a changed value recompiles, and the
+            # eager step that follows re-validates); a tensor lr is not read back to the host
+            return
         for i, group in enumerate(self.param_groups):
             if group.get("_validated") != self._snapshot(group):
                 old = dict(group.get("_validated") or ())
@@ -660,6 +664,41 @@ class _MGUPOptimizer(Optimizer):
     def _step_group(self, group):
         self._run_rule(group, self._rule(group), group["params"])
 
+    def _bias_corrections(self, group, steps: List[torch.Tensor], has_grad: List[bool]):
+        """t += 1 for every live param, and per buffer bc1 = 1 - beta1**t, bc2 = 1 - beta2**t
+        (1.0 where unused).  A fixed number of ops for all params: one multi-tensor add; then
+        either python floats (torch's host-side counter: read on the host, no device op), or,
+        with the counters on the device (``capturable``) or under ``torch.compile``, one
+        ``pow`` of a cached [[beta1], [beta2]] over the stacked counters, so that the values
+        are computed in the graph (a python float there would be a guard, recompiling every
+        step).  Host counters are raised to float64 first: the same values as the floats."""
+        n = len(has_grad)
+        if not steps:
+            return [1.0] * n, [1.0] * n
+        torch._foreach_add_(steps, 1)
+        b1, b2 = group["betas"]
+        if not group["capturable"] and not torch.compiler.is_compiling():
+            ts = iter(torch.stack(steps).tolist())  # host tensors: no device synchronisation
+            per = [(1 - b1 ** t, 1 - b2 ** t) for t in ts]
+        else:
+            x = torch.stack(steps)
+            if x.device.type == "cpu":
+                x = x.to(torch.float64)
+            cache = self.__dict__.setdefault("_beta_tables", {})
+            key = (b1, b2, x.device, x.dtype)
+            bt = cache.get(key)
+            if bt is None:
+                bt = cache[key] = torch.tensor([[b1], [b2]], dtype=x.dtype, device=x.device)
+            bc = 1 - torch.pow(bt, x)  # [2, live params]
+            per = list(zip(bc[0].unbind(0), bc[1].unbind(0)))
+        it = iter(per)
+        bc1, bc2 = [], []
+        for live in has_grad:
+            a, b = next(it) if live else (1.0, 1.0)
+            bc1.append(a)
+            bc2.append(b)
+        return bc1, bc2
+
     def _run_rule(self, group, rule: R.Rule, params: List[torch.Tensor]) -> None:
         if not params:
             return
@@ -683,31 +722,18 @@ class _MGUPOptimizer(Optimizer):
             locs.append(flat if live else None)
             grads.append(lg.reshape(-1) if live else None)
         states: Dict[str, List[Optional[torch.Tensor]]] = {name: [] for name in rule.state}
-        bc1, bc2 = [], []
-        b1, b2 = group.get("betas", (0.0, 0.0))
+        steps = []
         for p, live in zip(params, has_grad):
             if not live:
                 for name in rule.state:
                     states[name].append(None)
-                bc1.append(1.0)
-                bc2.append(1.0)
                 continue
             st = self._init_state(p, rule, group)
             for name in rule.state:
                 states[name].append(_real(_local(st[name])).view(-1))
             if rule.step:
-                step = st["step"]
-                step.add_(1)
-                if not group["capturable"]:
-                    t = step.item()  # torch's host-side counter: no device synchronisation
-                    bc1.append(1 - b1**t)
-                    bc2.append(1 - b2**t)
-                else:
-                    bc1.append(1 - torch.pow(b1, step))
-                    bc2.append(1 - torch.pow(b2, step))
-            else:
-                bc1.append(1.0)
-                bc2.append(1.0)
+                steps.append(st["step"])
+        bc1, bc2 = self._bias_corrections(group, steps, has_grad)
         device = _local(params[0]).device
         wide = any(_real(_local(p)).dtype == torch.float64 for p in params)
         fdt = torch.float64 if wide else torch.float32

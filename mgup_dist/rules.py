@@ -20,7 +20,10 @@ of one tensor, so the two agree bit for bit.  Backends with their own kernels
 
 Hyperparameters reach the rules as ``hp``: a dict with the param group's values plus, per
 tensor, what depends on the step (``bc1``, ``bc2``: bias corrections; python floats, or 0-d
-tensors on the device when the step counter lives there).
+tensors on the device when the step counter lives there or under ``torch.compile``), and
+optionally ``flat``: one contiguous tensor of which the ``outs`` are consecutive views
+covering it, so that an elementwise op with no multi-tensor form (Lion's NaN-keeping
+sign) is one op over all tensors instead of one per tensor.
 """
 from __future__ import annotations
 
@@ -49,7 +52,9 @@ class Rule:
     ``score(grads, states, hp, outs)``: phase 1, writes s into ``outs`` (float views);
     ``direction(grads, states, hp, outs)``: phase 3, writes u into ``outs`` (and, for a
     late-state rule, updates the state afterwards); ``matrix``: whether ``u`` is finished
-    on the whole matrix (Muon's Newton-Schulz) after ``direction``.
+    on the whole matrix (Muon's Newton-Schulz) after ``direction``; ``moments``: the state
+    update of ``score`` without the score (rules that update their state in phase 1), so
+    that a one-pass step (cautious) can compute ``u`` once and ``s = u * g`` from it.
     """
 
     name: str
@@ -60,6 +65,7 @@ class Rule:
     direction: Callable
     finish: Optional[Callable] = None
     matrix: bool = False
+    moments: Optional[Callable] = None  # ``moments(grads, states, hp)``: phase 1's state update alone
 
 
 def _neg(grads: List[Tensor], hp) -> List[Tensor]:
@@ -79,24 +85,32 @@ def _adamw_moments(g, m, v, hp) -> None:
 
 def _adamw_u(m, v, hp, out) -> None:
     """torch:   u = m_hat / (sqrt(v_hat) + eps) = (m / (sqrt(v / bc2) + eps)) / bc1
-    authors: u = m / (sqrt(v) + eps)   (their bias correction sits in the step size)."""
-    torch._foreach_copy_(out, v)
+    authors: u = m / (sqrt(v) + eps)   (their bias correction sits in the step size).
+
+    Six multi-tensor ops whatever the number of tensors: the denominator goes to a transient
+    list (foreach has no ``out=``, and ``out = m / out`` in place would need one op per
+    tensor), then ``out = m``, ``out /= d``: the same roundings in the same order as the
+    textbook formula."""
     if hp.get("convention", "torch") == "authors":
-        torch._foreach_sqrt_(out)
-        torch._foreach_add_(out, hp["eps"])
-        _div_into(m, out)
-        return
-    torch._foreach_div_(out, hp["bc2"])
-    torch._foreach_sqrt_(out)
-    torch._foreach_add_(out, hp["eps"])
-    _div_into(m, out)
-    torch._foreach_div_(out, hp["bc1"])
+        d = torch._foreach_sqrt(v)
+    else:
+        d = torch._foreach_div(v, _scalars(hp["bc2"]))
+        torch._foreach_sqrt_(d)
+    torch._foreach_add_(d, hp["eps"])
+    torch._foreach_copy_(out, m)
+    torch._foreach_div_(out, d)
+    del d
+    if hp.get("convention", "torch") != "authors":
+        torch._foreach_div_(out, _scalars(hp["bc1"]))
 
 
-def _div_into(num: List[Tensor], out: List[Tensor]) -> None:
-    """out = num / out, elementwise in place (no temporary; foreach has no out= form)."""
-    for a, b in zip(num, out):
-        torch.div(a, b, out=b)
+def _scalars(xs):
+    """Per-tensor scalars for a foreach op: python floats as a scalar list; 0-d tensors (step
+    counts on the device, or traced by torch.compile) as a tensor list."""
+    xs = list(xs)
+    if any(isinstance(x, torch.Tensor) for x in xs):
+        return [x if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64) for x in xs]
+    return [float(x) for x in xs]
 
 
 def _adamw_score(grads, states, hp, outs) -> None:
@@ -110,7 +124,11 @@ def _adamw_direction(grads, states, hp, outs) -> None:
     _adamw_u(states["exp_avg"], states["exp_avg_sq"], hp, outs)
 
 
-ADAMW = Rule("adamw", ("exp_avg", "exp_avg_sq"), True, False, _adamw_score, _adamw_direction)
+def _adamw_state(grads, states, hp) -> None:
+    _adamw_moments(_neg(grads, hp), states["exp_avg"], states["exp_avg_sq"], hp)
+
+
+ADAMW = Rule("adamw", ("exp_avg", "exp_avg_sq"), True, False, _adamw_score, _adamw_direction, moments=_adamw_state)
 
 
 # -------------------------------------------------------------------------------- Lion
@@ -122,8 +140,9 @@ def _lion_u(g, m, hp, out) -> None:
     torch._foreach_copy_(out, m)
     torch._foreach_mul_(out, b1)
     torch._foreach_add_(out, g, alpha=1 - b1)
-    for o in out:
-        torch.where(o != o, o, torch.sign(o), out=o)
+    flat = hp.get("flat")  # the one buffer ``out`` views, when the backend has one: 3 ops for all
+    for o in ([flat] if flat is not None else out):
+        torch.where(o.isnan(), o, torch.sign(o), out=o)
 
 
 def _lion_score(grads, states, hp, outs) -> None:
@@ -172,7 +191,13 @@ def _muon_direction(grads, states, hp, outs) -> None:
     _muon_x(_neg(grads, hp), states["momentum_buffer"], hp, outs)
 
 
-MUON = Rule("muon", ("momentum_buffer",), False, False, _muon_score, _muon_direction, matrix=True)
+def _muon_state(grads, states, hp) -> None:
+    buf = states["momentum_buffer"]
+    torch._foreach_mul_(buf, hp["momentum"])
+    torch._foreach_add_(buf, _neg(grads, hp))
+
+
+MUON = Rule("muon", ("momentum_buffer",), False, False, _muon_score, _muon_direction, matrix=True, moments=_muon_state)
 
 RULES: Dict[str, Rule] = {r.name: r for r in (ADAMW, LION, MUON)}
 

@@ -20,7 +20,10 @@ captured in a CUDA graph.  A backend may replace the radix select of chunks held
 this rank by something faster (CPU: introselect).
 
 Collectives per split chunk and step: ``len(radix_widths) + 1`` all-reduces of
-``n_units x (4096 | 1024)`` and ``n_slots`` int64, whatever the tensors' sizes.
+``n_units x (4096 | 1024)`` and ``n_slots`` int64, whatever the tensors' sizes (the torch-ops
+backend's own select: one per pass of its digit widths, chosen from the chunk's global sizes,
+plus one for the ties).  ``choose_digit`` and ``tie_cutoff`` are the two decisions of the
+selection, as small functions every backend's kernels are tested against.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ __all__ = [
     "SCOPES",
     "num_selected",
     "threshold",
+    "choose_digit",
+    "tie_cutoff",
     "selected_counts",
     "approx_threshold",
     "float_keys",
@@ -90,10 +95,7 @@ def threshold(backend, chunk, keys: torch.Tensor, hist0: Optional[torch.Tensor] 
         hist = hist0 if (p == 0 and hist0 is not None) else backend.histogram(chunk, keys, prefix, p)
         if chunk.split:
             all_reduce_sum(hist, chunk.group)
-        # b = the largest digit with count(digit >= b) >= K still needed; the keys above it are in
-        above = hist.flip(1).cumsum(1).flip(1)
-        b = ((above >= k_rem[:, None]).sum(1) - 1).clamp_(min=0)
-        k_rem -= above.gather(1, b[:, None])[:, 0] - hist.gather(1, b[:, None])[:, 0]
+        b, k_rem = choose_digit(hist, k_rem)
         prefix = b - (1 << (w - 1)) if p == 0 else (prefix << w) | b
     t_key = torch.where(tab["k"] > 0, prefix, torch.full_like(prefix, torch.iinfo(ity).max)).to(ity)
     if U == 0:
@@ -105,13 +107,44 @@ def threshold(backend, chunk, keys: torch.Tensor, hist0: Optional[torch.Tensor] 
         slots.scatter_add_(0, tab["piece_slot"][: len(chunk.pieces)], ties)
     if chunk.split:
         all_reduce_sum(slots, chunk.group)
-    excl = slots.cumsum(0) - slots  # ties in earlier slots of the chunk
-    before = excl - excl.index_select(0, tab["first_slot"]).index_select(0, tab["slot_unit"])
     if chunk.pieces:
-        need = torch.cat([k_rem, k_rem.new_zeros(1)]).index_select(0, tab["piece_unit"][: len(chunk.pieces)])
-        take = (need - before.index_select(0, tab["piece_slot"][: len(chunk.pieces)])).clamp_(min=0)
-        backend.resolve_ties(chunk, keys, t_key, take)
+        take = tie_cutoff(slots, k_rem, tab["slot_unit"], tab["first_slot"])
+        backend.resolve_ties(chunk, keys, t_key, take.index_select(0, tab["piece_slot"][: len(chunk.pieces)]))
     return t_key
+
+
+def choose_digit(hist: torch.Tensor, k: torch.Tensor):
+    """The digit choice of one radix pass, for every unit at once.
+
+    ``hist``: int64 ``[units, bins]``, per unit the counts of each digit among its keys that
+    match the prefix chosen so far; ``k``: int64 ``[units]``, how many of those keys (the
+    largest) are still to be selected, ``0 <= k <= hist.sum(1)``.  Returns ``(b, k_new)``:
+    ``b`` the largest digit with ``count(digit >= b) >= k`` (the K-th largest key has digit
+    ``b``; ``k == 0``: the top bin), and ``k_new = k - count(digit > b)``, the number still to
+    select among the keys with digit ``b`` (after the last pass: how many keys equal to the
+    threshold are selected, lowest index first).  Every backend's selection matches this."""
+    above = hist.flip(1).cumsum(1).flip(1)  # count(digit >= b)
+    b = ((above >= k[:, None]).sum(1) - 1).clamp_(min=0)
+    k_new = k - (above.gather(1, b[:, None])[:, 0] - hist.gather(1, b[:, None])[:, 0])
+    return b, k_new
+
+
+def tie_cutoff(slot_ties: torch.Tensor, k_rem: torch.Tensor, slot_unit: torch.Tensor, first_slot: torch.Tensor) -> torch.Tensor:
+    """The tie cut-off: how many of each slot's keys equal to its unit's threshold are selected.
+
+    ``slot_ties``: int64 ``[n_slots + 1]``, per slot (a piece of a unit, over all ranks, in
+    index order; the last entry: padding) its keys equal to the unit's K-th key;
+    ``k_rem``: ``[units]`` or ``[units + 1]``, the ties each unit selects (``choose_digit``'s
+    last ``k_new``); ``slot_unit``: ``[n_slots + 1]`` (padding: ``units``);
+    ``first_slot``: ``[units + 1]``, each unit's first slot.  Returns int64
+    ``[n_slots + 1]``: ``max(0, k_rem[unit] - ties in the unit's earlier slots)``; a slot keeps
+    its first that many ties (lowest index first), so the lower index wins across pieces and
+    ranks."""
+    U = first_slot.numel() - 1
+    excl = slot_ties.cumsum(0) - slot_ties  # ties in earlier slots of the chunk
+    before = excl - excl.index_select(0, first_slot).index_select(0, slot_unit)
+    k_ext = k_rem if k_rem.numel() == U + 1 else torch.cat([k_rem, k_rem.new_zeros(1)])
+    return (k_ext.to(torch.int64).index_select(0, slot_unit) - before).clamp_(min=0)
 
 
 def selected_counts(backend, chunk, keys: torch.Tensor, t_key: torch.Tensor, over_ranks: bool):

@@ -245,7 +245,7 @@ def fsdp2_no_deadlock(rank, world, opt_names, scopes):
 # ---------------------------------------------------------------------------- scopes
 
 
-def scope_counts(rank, world, mesh_shape=None):
+def scope_counts(rank, world, mesh_shape=None, backend="auto"):
     """Lion with lr = 1/8, alpha = 2, gamma = 0.5, wd = 0 from zero state: the first
     update of every coordinate is lr * phi * sign(g), so phi = |delta| / lr exactly
     reveals the selection.  Returns, on every rank, the full phi maps per scope and the
@@ -262,7 +262,7 @@ def scope_counts(rank, world, mesh_shape=None):
         opt = make_opt(
             "MGUPLion",
             [dict(params=params[:na]), dict(params=params[na:])],
-            lr=lr, weight_decay=0.0, alpha=2.0, gamma=0.5, mask_ratio=0.5, scope=scope,
+            lr=lr, weight_decay=0.0, alpha=2.0, gamma=0.5, mask_ratio=0.5, scope=scope, backend=backend,
         )
         before_local = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
         _set_fsdp2_grads(model, 0, "randn")
