@@ -42,7 +42,7 @@ def _score(aligned, **kw):
 
 def _apply(aligned, **kw):
     consts = dict(P_T=tl.float32, G_T=tl.float32, S_T=tl.float32, LION=False, AUTHORS=False, MAXIMIZE=False,
-                  CAUTIOUS=False, HAS_DENOM=False, SC_TAB=False, STEP_TAB=False, LR_DEV=False, HAS_WD=True,
+                  CAUTIOUS=False, HAS_DENOM=False, SC_TAB=False, STEP_TAB=False, LR_DEV=False, HAS_WD=True, FMA_STEP=True,
                   ALIGNED=aligned, **LOOP)
     consts.update(kw)
     return _ptx(T._apply_kernel, {
@@ -63,7 +63,7 @@ def test_score_and_apply_use_ieee_math_and_vector_loads():
 def test_half_precision_and_device_scalar_variants_compile():
     _score(True, G_T=tl.bfloat16, S_T=tl.bfloat16, SC_TAB=True, LION=True, MAXIMIZE=True)
     _apply(False, P_T=tl.bfloat16, G_T=tl.bfloat16, S_T=tl.bfloat16, LION=True, HAS_DENOM=True, SC_TAB=True,
-           STEP_TAB=True, LR_DEV=True, AUTHORS=True)
+           STEP_TAB=True, LR_DEV=True, AUTHORS=True, FMA_STEP=False)
     _apply(True, P_T=tl.float16, S_T=tl.float32, CAUTIOUS=True, HAS_WD=False)
 
 

@@ -15,12 +15,14 @@ pytestmark = pytest.mark.skipif(interpreted(), reason="counts compiled launches:
 LIMITS = {"MGUPAdamW": (MGUPAdamW, 40), "MGUPLion": (MGUPLion, 40), "CMGUPAdamW": (CMGUPAdamW, 8)}
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["host-step", "capturable"])
 @pytest.mark.parametrize("name", sorted(LIMITS))
-def test_launches_per_step_on_llama130m(name):
+def test_launches_per_step_on_llama130m(name, capturable):
     cls, limit = LIMITS[name]
     counts = []
     for split in (1, 3):  # 111 tensors, then the same 134M elements in 333 tensors
-        res = count_step(lambda ps: cls(ps, lr=1e-3, backend="triton"), model_params("llama130m", split))
+        make = lambda ps: cls(ps, lr=1e-3, backend="triton", capturable=capturable)  # noqa: E731
+        res = count_step(make, model_params("llama130m", split))
         assert res["triton"] >= 1, res["ops"]
         counts.append(res["total"])
     assert counts[0] <= limit, (name, counts[0], limit)

@@ -349,7 +349,8 @@ def _resolve_kernel(tab, blk, keys_ptr, st_ptr, base_ptr, U, U1, SPAN: tl.conste
 @triton.jit
 def _apply_block(idx, msk, pp, gp, mp, vp, kp, t, a, c, st, decay, c1, c2, b1, one_m_b1, b2, one_m_b2, eps, t_const,
                  P_T: tl.constexpr, S_T: tl.constexpr, LION: tl.constexpr, AUTHORS: tl.constexpr,
-                 MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr, HAS_WD: tl.constexpr, MASKED: tl.constexpr):
+                 MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr, HAS_WD: tl.constexpr, FMA_STEP: tl.constexpr,
+                 MASKED: tl.constexpr):
     m = _ld(mp, idx, msk, MASKED).to(tl.float32)
     if LION or CAUTIOUS:
         g = _ld(gp, idx, msk, MASKED).to(tl.float32)
@@ -375,7 +376,10 @@ def _apply_block(idx, msk, pp, gp, mp, vp, kp, t, a, c, st, decay, c1, c2, b1, o
     p = _ld(pp, idx, msk, MASKED).to(tl.float32)
     if HAS_WD:  # decoupled decay first (both conventions), rounded to the param dtype as torch does
         p = _cast(p * decay, P_T).to(tl.float32)
-    p = p - (u * phi) * st
+    if FMA_STEP:  # one python lr: torch's addcmul_(p, u, phi, value=-lr), fma(-lr, u*phi, p) on CUDA
+        p = tl.fma(-st, u * phi, p)
+    else:  # u *= phi; u *= lr_eff; p -= u
+        p = p - (u * phi) * st
     _st(pp, idx, _cast(p, P_T), msk, MASKED)
     if LION:  # m = b2*m + (1-b2)*g after the step
         _st(mp, idx, _cast(tl.fma(one_m_b2, g, m * b2), S_T), msk, MASKED)
@@ -387,7 +391,7 @@ def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, sc_ptr, lr_ptr, c1, c2, 
                   P_T: tl.constexpr, G_T: tl.constexpr, S_T: tl.constexpr, LION: tl.constexpr,
                   AUTHORS: tl.constexpr, MAXIMIZE: tl.constexpr, CAUTIOUS: tl.constexpr, HAS_DENOM: tl.constexpr,
                   SC_TAB: tl.constexpr, STEP_TAB: tl.constexpr, LR_DEV: tl.constexpr, HAS_WD: tl.constexpr,
-                  ALIGNED: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr):
+                  FMA_STEP: tl.constexpr, ALIGNED: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr):
     """phi = alpha if key >= t[unit] else gamma (padding: gamma; / denom[unit]); u from the
     state (CAUTIOUS: the moments move here first and phi from key(u*g) >= t_const);
     p *= 1 - lr*wd; p -= step * (phi * u); Lion: m = b2*m + (1-b2)*g last."""
@@ -419,10 +423,10 @@ def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, sc_ptr, lr_ptr, c1, c2, 
     for i in range(0, nfull):
         idx = _idx(start, i, BLOCK, ALIGNED)
         _apply_block(idx, idx < end, pp, gp, mp, vp, kp, t, a, c, st, decay, c1, c2, b1, one_m_b1, b2, one_m_b2,
-                     eps, t_const, P_T, S_T, LION, AUTHORS, MAXIMIZE, CAUTIOUS, HAS_WD, False)
+                     eps, t_const, P_T, S_T, LION, AUTHORS, MAXIMIZE, CAUTIOUS, HAS_WD, FMA_STEP, False)
     idx = start + nfull * BLOCK + tl.arange(0, BLOCK)
     _apply_block(idx, idx < end, pp, gp, mp, vp, kp, t, a, c, st, decay, c1, c2, b1, one_m_b1, b2, one_m_b2,
-                 eps, t_const, P_T, S_T, LION, AUTHORS, MAXIMIZE, CAUTIOUS, HAS_WD, True)
+                 eps, t_const, P_T, S_T, LION, AUTHORS, MAXIMIZE, CAUTIOUS, HAS_WD, FMA_STEP, True)
 
 
 # ------------------------------------------------------------------------------- backend
@@ -542,9 +546,13 @@ class TritonCUDA(TorchOps):
         lr_dev = isinstance(lr, Tensor)
         tensors = any(isinstance(x, Tensor) for x in bc1 + bc2)
         steps = None if lr_dev else step_sizes(dict(hp, lr=lr), {"bc1": bc1, "bc2": bc2}, chunk)
+        # the step rounds as torch_ops.update does: one fused multiply-add when the step size is
+        # the python lr itself, else (u*phi)*step
+        fma = not isinstance(hp["lr"], Tensor) and steps is not None and all(x is lr for x in steps)
         if not tensors and len(set(bc1)) <= 1 and len(set(bc2)) <= 1 and (steps is None or len(set(steps)) <= 1):
             return dict(sc_ptr=None, c1=float(bc1[0]) if bc1 else 1.0, c2=float(bc2[0]) if bc2 else 1.0,
-                        st=float(steps[0]) if steps else 0.0, SC_TAB=False, STEP_TAB=False, lr=lr, lr_dev=lr_dev)
+                        st=float(steps[0]) if steps else 0.0, SC_TAB=False, STEP_TAB=False, lr=lr, lr_dev=lr_dev,
+                        fma=fma)
         if tensors or lr_dev:
             # device values: bc1, bc2 stacked on the device (one op); the authors' step size from them
             def one(x):
@@ -561,7 +569,7 @@ class TritonCUDA(TorchOps):
             sc = torch.cat([sc, step[:, None], torch.zeros_like(step)[:, None]], 1).contiguous()
         else:
             sc = torch.tensor([[a, b, s, 0.0] for a, b, s in zip(bc1, bc2, steps)], dtype=torch.float32).to(device)
-        return dict(sc_ptr=sc, c1=1.0, c2=1.0, st=0.0, SC_TAB=True, STEP_TAB=True, lr=lr, lr_dev=lr_dev)
+        return dict(sc_ptr=sc, c1=1.0, c2=1.0, st=0.0, SC_TAB=True, STEP_TAB=True, lr=lr, lr_dev=lr_dev, fma=fma)
 
     # -- phase 1 ----------------------------------------------------------------------------
     def score(self, rule, hp, chunk, bufs, scratch):
@@ -653,7 +661,7 @@ class TritonCUDA(TorchOps):
             0.0 if sc["lr_dev"] else 1 - lr * wd,
             wd=wd, alpha=float(hp["alpha"]), gamma=float(hp["gamma"]), t_const=int(t_const), U=chunk.n_units,
             P_T=P_T, G_T=G_T, S_T=S_T, CAUTIOUS=cautious, HAS_DENOM=denom is not None,
-            SC_TAB=sc["SC_TAB"], STEP_TAB=sc["STEP_TAB"], LR_DEV=sc["lr_dev"], HAS_WD=wd != 0,
+            SC_TAB=sc["SC_TAB"], STEP_TAB=sc["STEP_TAB"], LR_DEV=sc["lr_dev"], HAS_WD=wd != 0, FMA_STEP=sc["fma"],
             ALIGNED=aligned and (cautious or stat["offs_aligned"]),
             SPAN=self.span, BLOCK=self.block, enable_fp_fusion=False, **self._consts(rule, hp))
 
