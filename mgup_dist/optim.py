@@ -584,6 +584,8 @@ class _MGUPOptimizer(Optimizer):
         self._agree_step = self.__dict__.get("_agree_step", 0) + 1
         if self.check_agreement != "step" or not (dist.is_available() and dist.is_initialized()):
             return
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return  # a traced or captured step replays without its host side: checked by the eager steps
         by_pg: Dict[int, Tuple[Any, List]] = {}
         for i, group in enumerate(self.param_groups):
             if not group["params"]:
