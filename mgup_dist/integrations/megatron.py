@@ -193,6 +193,11 @@ def _swap_inner_optimizer(sub, cls, opts: Dict[str, Any], config) -> None:
     )
     for g, ps in zip(new.param_groups, params):
         g["params"] = ps
+    # megatron's ranks hold different param groups (a rank without trainable params has a
+    # stub and no inner optimizer), so no per-step collective is entered by every rank:
+    # the update's hyperparameters are compared when the plan is built (one schedule drives
+    # every rank's lr in megatron)
+    new.check_agreement = "plan"
     sub.optimizer = new
     if isinstance(sub, DistributedOptimizer):
         for g_old, g_new in zip(old.param_groups, new.param_groups):
