@@ -127,7 +127,7 @@ ALL = sorted(mgup_dist.OPTIMIZERS)
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compile"])
 def test_persistent_bytes_within_one_byte_of_adamw(name, dtype, compile_):
     """State (what a checkpoint carries and the optimizer keeps per parameter) is AdamW's:
-    +0 bytes a parameter, within the +1 the issue allows, fp32 and bf16 params."""
+    +0 bytes a parameter, within the +1 byte a parameter MGUP may add, fp32 and bf16 params."""
     if compile_ and "Muon" in name:
         pytest.skip("Muon's matrices have no compiled kernels")
     torch.manual_seed(0)

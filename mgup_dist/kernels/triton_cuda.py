@@ -16,9 +16,10 @@ A step of a top-K chunk (on CUDA a chunk holds the whole param group, ``plan.chu
                 of ``kernels.base``: afterwards ``key >= t`` is exactly "selected")
     apply       phi = alpha if key >= t else gamma, u recomputed from the state, the step
 
-That is 9 kernel launches and about a dozen tiny torch ops a step, whatever the number of tensors
-(``python -m mgup_dist.opcount``); the all-reduces of a chunk split over ranks are one per radix
-pass plus one for the ties, as the generic path (``selection.threshold``).  Cautious mode is one
+That is 9 kernel launches and 15 tiny torch ops a step (34 in all with ``capturable=True``),
+whatever the number of tensors (``python -m mgup_dist.opcount``); the all-reduces of a chunk
+split over ranks are one per radix pass plus one for the ties, as the generic path
+(``selection.threshold``).  Cautious mode is one
 launch of the fused apply kernel.
 
 Memory traffic per element by design (fp32 params, grads and states; AdamW; fused AdamW: 28 B):
