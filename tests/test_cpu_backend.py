@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_engine import step_beside_adamw
 
 import mgup_dist
 from mgup_dist import bench, selection
@@ -149,16 +150,7 @@ def test_held_bytes_within_one_byte_of_adamw_when_one_tensor_is_28_percent(name,
     shapes = _shapes_28_percent()
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    opt = mgup_dist.OPTIMIZERS[name](ps, compile=compile_)
-    base = torch.optim.AdamW(ref)
-    for _ in range(2):
-        for p, q in zip(ps, ref):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opt.step()
-        base.step()
-    n = sum(p.numel() for p in ps)
+    opt, base, n = step_beside_adamw(name, ps, compile=compile_)
     assert held_bytes(base) == state_bytes(base)
     assert held_bytes(opt) / n <= held_bytes(base) / n + 1, (held_bytes(opt) / n, held_bytes(base) / n)
     if name.startswith("C"):

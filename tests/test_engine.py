@@ -122,6 +122,21 @@ def test_a_step_of_the_device_backend_never_reads_back(cls, kw):
 ALL = sorted(mgup_dist.OPTIMIZERS)
 
 
+def step_beside_adamw(name, ps, steps=2, **kw):
+    """The MGUP optimizer ``name`` on ``ps`` and torch's AdamW on copies, stepped ``steps``
+    times with the same gradients: (mgup optimizer, AdamW, number of elements)."""
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = mgup_dist.OPTIMIZERS[name](ps, **kw)
+    base = torch.optim.AdamW(ref)
+    for _ in range(steps):
+        for p, q in zip(ps, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        base.step()
+    return opt, base, sum(p.numel() for p in ps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compile"])
@@ -132,16 +147,7 @@ def test_persistent_bytes_within_one_byte_of_adamw(name, dtype, compile_):
         pytest.skip("Muon's matrices have no compiled kernels")
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in [(64, 48), (48,), (300,)]]
-    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    opt = mgup_dist.OPTIMIZERS[name](ps, compile=compile_)
-    base = torch.optim.AdamW(ref)
-    for _ in range(2):
-        for p, q in zip(ps, ref):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opt.step()
-        base.step()
-    n = sum(p.numel() for p in ps)
+    opt, base, n = step_beside_adamw(name, ps, compile=compile_)
     assert state_bytes(opt) / n <= state_bytes(base) / n + 1, (state_bytes(opt) / n, state_bytes(base) / n)
 
 

@@ -231,14 +231,20 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
     return cfg
 
 
-def _load_model_json(path) -> Dict:
+def _read_json_object(path, flag: str, what: str) -> Dict:
+    """A JSON file that must hold an object; ValueError naming ``flag`` and the file otherwise."""
     try:
         with open(path, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"model: {str(path)!r} is not valid JSON: {e}") from e
+        raise ValueError(f"{flag}: {str(path)!r} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"model: {str(path)!r} must hold a JSON object of LlamaConfig fields")
+        raise ValueError(f"{flag}: {str(path)!r} must hold a JSON object ({what}), got a {type(data).__name__}")
+    return data
+
+
+def _load_model_json(path) -> Dict:
+    data = _read_json_object(path, "model", "LlamaConfig fields")
     _check_model_fields(data, str(path))
     return data
 
@@ -286,15 +292,7 @@ def resolve_model_config(spec: str) -> Dict:
 def resolve_deepspeed_config(spec: str) -> Dict:
     path = spec if os.path.isfile(spec) else str(REPO_ROOT / "configs" / "deepspeed" / f"{spec}.json")
     if os.path.isfile(path):
-        try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"deepspeed_config: {path!r} is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"deepspeed_config: {path!r} must hold a JSON object (DeepSpeed config keys), got a "
-                             f"{type(data).__name__}")
-        return data
+        return _read_json_object(path, "deepspeed_config", "DeepSpeed config keys")
     if spec in ("zero0", "zero1", "zero2", "zero3"):
         # Minimal stand-in while configs/deepspeed/ is absent (e.g. an installed wheel).
         return {"zero_optimization": {"stage": int(spec[-1])}}
