@@ -69,7 +69,7 @@ def run_group(backend, st: GroupStep) -> None:
                 over_ranks = c.split or (approx and c.collective)
                 denom = _denominator(hp, *selection.selected_counts(backend, c, keys, t, over_ranks))
         else:
-            t = backend.select(c, keys, hist0)
+            t = selection.select(backend, c, keys, hist0, selection.chunk_reduce(c))
             if normalize:  # top-K selects exactly K of each unit's N: the mean of phi is known
                 denom = _topk_denominator(hp, c, st.device)
         backend.apply(st.rule, hp, c, st.bufs, scratch, t, denom)

@@ -29,18 +29,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .collectives import all_reduce_sum
-from .kernels.base import float_of_key, key_of, keys_, radix_widths
+from .radix import choose_digit, float_of_key, key_of, keys_, radix_widths, tie_cutoff, unit_tables
 from .layout import Layout
 from .plan import SCOPES, build_plan, num_selected
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = [
     "SCOPES",
     "num_selected",
+    "select",
+    "chunk_reduce",
     "threshold",
     "choose_digit",
     "tie_cutoff",
@@ -53,33 +57,33 @@ __all__ = [
 ]
 
 
-def unit_tables(chunk, device):
-    """Device tables of a chunk, made once (no host-to-device copy in later steps): per piece
-    its slot (n_slots for padding), unit and length; per slot its unit; per unit its first
-    slot, K and N."""
-    key = ("selection", device)
-    t = chunk.cache.get(key)
-    if t is None:
-        first = [chunk.n_slots] * chunk.n_units
-        for i, u in reversed(list(enumerate(chunk.slot_unit))):
-            first[u] = i
-        t = {
-            "piece_slot": torch.tensor([p.slot if p.unit >= 0 else chunk.n_slots for p in chunk.pieces] or [0], device=device),
-            "piece_unit": torch.tensor([p.unit if p.unit >= 0 else chunk.n_units for p in chunk.pieces] or [0], device=device),
-            "slot_unit": torch.tensor(list(chunk.slot_unit) + [chunk.n_units], dtype=torch.int64, device=device),
-            "first_slot": torch.tensor(first + [chunk.n_slots], dtype=torch.int64, device=device),
-            "k": torch.tensor(chunk.k, dtype=torch.int64, device=device),
-            "n": torch.tensor(chunk.n, dtype=torch.int64, device=device),
-            "lengths": torch.tensor([p.length for p in chunk.pieces] or [0], dtype=torch.int64, device=device),
-        }
-        chunk.cache[key] = t
+def select(backend, chunk, keys: torch.Tensor, hist0: Optional[torch.Tensor], reduce: Reduce):
+    """Phase 2 of a top-K chunk: the backend's own select when it has one, else the radix
+    select below over its primitives.  ``reduce`` (``chunk_reduce``) is the only way either
+    communicates: what it does, and so which collectives run, the plan alone decides."""
+    t = backend.select(chunk, keys, hist0, reduce)
+    return threshold(backend, chunk, keys, hist0, reduce) if t is None else t
+
+
+def chunk_reduce(chunk) -> Reduce:
+    """The sum over the ranks of a split chunk's group (in place), the identity otherwise:
+    decided by the plan (identical on every rank), so every rank enters the same all-reduces."""
+    if not chunk.split:
+        return _identity
+    group = chunk.group
+    return lambda t: all_reduce_sum(t, group)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def threshold(backend, chunk, keys: torch.Tensor, hist0: Optional[torch.Tensor] = None) -> torch.Tensor:
+def threshold(backend, chunk, keys: torch.Tensor, hist0: Optional[torch.Tensor] = None,
+              reduce: Optional[Reduce] = None) -> torch.Tensor:
     """The K-th key of every unit of ``chunk`` (int tensor [n_units]); the keys are left so
     that ``key >= t[unit]`` selects exactly K per unit (losing ties are lowered by one).
     Enters ``len(radix_widths) + 1`` collectives when ``chunk.split``, on every rank."""
+    reduce = chunk_reduce(chunk) if reduce is None else reduce
     ity = keys.dtype
     dev = keys.device
     U = chunk.n_units
@@ -93,8 +97,7 @@ def threshold(backend, chunk, keys: torch.Tensor, hist0: Optional[torch.Tensor] 
     widths = radix_widths(torch.iinfo(ity).bits)
     for p, w in enumerate(widths):
         hist = hist0 if (p == 0 and hist0 is not None) else backend.histogram(chunk, keys, prefix, p)
-        if chunk.split:
-            all_reduce_sum(hist, chunk.group)
+        reduce(hist)
         b, k_rem = choose_digit(hist, k_rem)
         prefix = b - (1 << (w - 1)) if p == 0 else (prefix << w) | b
     t_key = torch.where(tab["k"] > 0, prefix, torch.full_like(prefix, torch.iinfo(ity).max)).to(ity)
@@ -105,46 +108,11 @@ def threshold(backend, chunk, keys: torch.Tensor, hist0: Optional[torch.Tensor] 
     slots = torch.zeros(chunk.n_slots + 1, dtype=torch.int64, device=dev)
     if chunk.pieces:
         slots.scatter_add_(0, tab["piece_slot"][: len(chunk.pieces)], ties)
-    if chunk.split:
-        all_reduce_sum(slots, chunk.group)
+    reduce(slots)
     if chunk.pieces:
         take = tie_cutoff(slots, k_rem, tab["slot_unit"], tab["first_slot"])
         backend.resolve_ties(chunk, keys, t_key, take.index_select(0, tab["piece_slot"][: len(chunk.pieces)]))
     return t_key
-
-
-def choose_digit(hist: torch.Tensor, k: torch.Tensor):
-    """The digit choice of one radix pass, for every unit at once.
-
-    ``hist``: int64 ``[units, bins]``, per unit the counts of each digit among its keys that
-    match the prefix chosen so far; ``k``: int64 ``[units]``, how many of those keys (the
-    largest) are still to be selected, ``0 <= k <= hist.sum(1)``.  Returns ``(b, k_new)``:
-    ``b`` the largest digit with ``count(digit >= b) >= k`` (the K-th largest key has digit
-    ``b``; ``k == 0``: the top bin), and ``k_new = k - count(digit > b)``, the number still to
-    select among the keys with digit ``b`` (after the last pass: how many keys equal to the
-    threshold are selected, lowest index first).  Every backend's selection matches this."""
-    above = hist.flip(1).cumsum(1).flip(1)  # count(digit >= b)
-    b = ((above >= k[:, None]).sum(1) - 1).clamp_(min=0)
-    k_new = k - (above.gather(1, b[:, None])[:, 0] - hist.gather(1, b[:, None])[:, 0])
-    return b, k_new
-
-
-def tie_cutoff(slot_ties: torch.Tensor, k_rem: torch.Tensor, slot_unit: torch.Tensor, first_slot: torch.Tensor) -> torch.Tensor:
-    """The tie cut-off: how many of each slot's keys equal to its unit's threshold are selected.
-
-    ``slot_ties``: int64 ``[n_slots + 1]``, per slot (a piece of a unit, over all ranks, in
-    index order; the last entry: padding) its keys equal to the unit's K-th key;
-    ``k_rem``: ``[units]`` or ``[units + 1]``, the ties each unit selects (``choose_digit``'s
-    last ``k_new``); ``slot_unit``: ``[n_slots + 1]`` (padding: ``units``);
-    ``first_slot``: ``[units + 1]``, each unit's first slot.  Returns int64
-    ``[n_slots + 1]``: ``max(0, k_rem[unit] - ties in the unit's earlier slots)``; a slot keeps
-    its first that many ties (lowest index first), so the lower index wins across pieces and
-    ranks."""
-    U = first_slot.numel() - 1
-    excl = slot_ties.cumsum(0) - slot_ties  # ties in earlier slots of the chunk
-    before = excl - excl.index_select(0, first_slot).index_select(0, slot_unit)
-    k_ext = k_rem if k_rem.numel() == U + 1 else torch.cat([k_rem, k_rem.new_zeros(1)])
-    return (k_ext.to(torch.int64).index_select(0, slot_unit) - before).clamp_(min=0)
 
 
 def selected_counts(backend, chunk, keys: torch.Tensor, t_key: torch.Tensor, over_ranks: bool):

@@ -71,7 +71,7 @@ def test_select_on_cuda_equals_the_generic_select_on_cpu():
         assert int((keys == KEY_NAN(torch.int32)).sum()) > 0
         kc, kg = keys.clone(), keys.to(DEV)
         t_cpu = selection.threshold(TorchOps(), chunk_cpu, kc)
-        t_gpu = TritonCUDA().select(chunk_gpu, kg, None)
+        t_gpu = TritonCUDA().select(chunk_gpu, kg, None, selection.chunk_reduce(chunk_gpu))
         assert torch.equal(t_gpu.cpu(), t_cpu.to(torch.int32))
         assert torch.equal(kg.cpu(), kc)
 

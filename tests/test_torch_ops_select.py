@@ -15,7 +15,7 @@ from mgup_dist.kernels.base import keys_
 from mgup_dist.kernels.torch_ops import TopK, TorchOps
 from mgup_dist.layout import Layout, Segment, whole_layout
 from mgup_dist.reference import topk_indices
-from mgup_dist.selection import choose_digit
+from mgup_dist.selection import choose_digit, chunk_reduce
 
 
 def _ref(s: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _select(ts, lays, scope, ratio):
         for pc in chunk.pieces:
             scratch[pc.offset: pc.offset + pc.length] = ts[pc.buf].reshape(-1)[pc.start: pc.start + pc.length]
         keys = keys_(scratch)
-        sel = be.select(chunk, keys, None)
+        sel = be.select(chunk, keys, None, chunk_reduce(chunk))
         assert isinstance(sel, TopK)
         widths.add(tuple(be._select_tables(chunk, keys.device)["widths"]))
         phi = be._phi_topk(dict(alpha=1.0, gamma=0.0), chunk, keys, sel, None, torch.float32)

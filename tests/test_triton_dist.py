@@ -48,7 +48,7 @@ def _rank(rank, world):
         for pc in chunk.pieces:
             keys[pc.offset: pc.offset + pc.length] = local[pc.start: pc.start + pc.length]
         empty_chunks += chunk.collective and not chunk.pieces
-        t = TritonCUDA(span=64, block=16).select(chunk, keys, None)
+        t = TritonCUDA(span=64, block=16).select(chunk, keys, None, selection.chunk_reduce(chunk))
         t_ext = torch.cat([t, t.new_full((1,), 2**31 - 1)])
         for pc in chunk.pieces:
             name = next(tn for tn, ls, n, gs in PIECES[rank] if ls == pc.start)

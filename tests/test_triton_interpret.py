@@ -211,7 +211,7 @@ def test_select_on_the_same_keys_is_the_generic_radix_select(scope):
             keys = _keys(chunk.numel, seed=int(ratio * 100))
             a, b = keys.clone(), keys.clone()
             t_ref = selection.threshold(REF, chunk, a)
-            t_tri = TRI.select(chunk, b, None)
+            t_tri = TRI.select(chunk, b, None, selection.chunk_reduce(chunk))
             assert torch.equal(t_tri, t_ref.to(torch.int32))
             assert torch.equal(a, b), "resolved keys differ"
             cut |= any(int((a == t).sum()) < int((keys == t).sum()) for t in t_ref)

@@ -3,8 +3,10 @@
 The pipeline (``mgup_dist.pipeline``) calls, per chunk of a param group (``mgup_dist.plan``):
 
     hist0 = backend.score(rule, hp, chunk, bufs, scratch)          phase 1
-    ... selection.select(backend, chunk, keys, hist0) ...          phase 2 (uses histogram,
-                                                                    tie_counts, resolve_ties)
+    t = selection.select(backend, chunk, keys, hist0, reduce)      phase 2 (backend.select, or
+                                                                    the radix select over
+                                                                    histogram, tie_counts,
+                                                                    resolve_ties)
     backend.apply(rule, hp, chunk, bufs, scratch, t_key, denom)    phase 3
 
 Contracts (all backends, bit for bit on the selection):
@@ -32,8 +34,9 @@ Contracts (all backends, bit for bit on the selection):
 * **cautious(rule, hp, chunk, bufs, t_const)** -> bool: optional fused one-pass cautious
   step (no scratch); returns False when the backend has none for this rule, and the
   pipeline then runs score + apply with the constant threshold.
-* **select(chunk, keys, hist0)** -> what ``apply`` takes as ``t_key`` (default: the radix
-  select of ``mgup_dist.selection`` over the primitives above).
+* **select(chunk, keys, hist0, reduce)** -> what ``apply`` takes as ``t_key``, or None for the
+  radix select of ``mgup_dist.selection`` over the primitives above.  ``reduce`` is handed in
+  by the pipeline: backends never import ``mgup_dist.collectives``.
 * **select_local(chunk, keys)** -> ``t_key`` or None: optional exact fast path for chunks
   whose units are all on this rank (CPU: introselect); it must leave the keys so that
   ``key >= t_key[unit]`` is exactly "selected" (ties resolved).
@@ -44,11 +47,14 @@ prefixes stay device tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..radix import KEY_NAN, float_of_key, key_dtype, key_of, keys_, radix_widths  # noqa: F401  (re-exported)
+
 Tensor = torch.Tensor
+Reduce = Callable[[Tensor], Tensor]  # in-place sum over a split chunk's ranks (identity otherwise)
 
 __all__ = ["Bufs", "Backend", "key_dtype", "KEY_NAN", "radix_widths", "keys_", "key_of"]
 
@@ -63,58 +69,6 @@ class Bufs:
     states: Dict[str, List[Optional[Tensor]]]
     bc1: List  # 1 - beta1**t per buffer (floats or 0-d device tensors); 1.0 when unused
     bc2: List
-
-
-def key_dtype(float_dtype: torch.dtype) -> torch.dtype:
-    return torch.int64 if float_dtype == torch.float64 else torch.int32
-
-
-def KEY_NAN(dtype: torch.dtype) -> int:  # noqa: N802 - a constant per dtype
-    """Every NaN's key: one above the integer minimum, so that ``t - 1`` never wraps."""
-    return torch.iinfo(dtype).min + 1
-
-
-def radix_widths(nbits: int) -> List[int]:
-    """Bits resolved per radix pass: 12 first (4096 bins: an octave of scores cut 16 ways),
-    then 10 at a time: 12+10+10 for 32-bit keys, 12+10*5+2 for 64-bit ones."""
-    widths, left = [12], nbits - 12
-    while left > 0:
-        widths.append(min(10, left))
-        left -= widths[-1]
-    return widths
-
-
-def keys_(x: Tensor) -> Tensor:
-    """Turn the float scores ``x`` (float32/float64, contiguous) into their order keys in
-    place and return the integer view.  IEEE bits are sign-magnitude: flipping the
-    magnitude bits of negatives makes them two's-complement ordered.  -0.0 + 0.0 = +0.0.
-    NaN bit patterns would land above +inf's key (or below -inf's): they are sent to
-    KEY_NAN.  Six elementwise ops over the flat buffer, whatever it holds."""
-    ity = key_dtype(x.dtype)
-    nbits = torch.iinfo(ity).bits
-    x.add_(0.0)
-    nan = x.isnan()  # read before the bits change: one op instead of two range tests
-    bits = x.view(ity)
-    flip = torch.bitwise_right_shift(bits, nbits - 1)  # 0 or -1 (all ones)
-    flip.bitwise_and_(torch.iinfo(ity).max)
-    bits.bitwise_xor_(flip)
-    del flip
-    return bits.masked_fill_(nan, KEY_NAN(ity))
-
-
-def key_of(value: Tensor, ity: torch.dtype) -> Tensor:
-    """The key of float values (any shape), as a new tensor."""
-    fdt = torch.float64 if ity == torch.int64 else torch.float32
-    return keys_(value.to(fdt, copy=True).contiguous())
-
-
-def float_of_key(key: Tensor) -> Tensor:
-    """Inverse of ``keys_`` for non-NaN keys."""
-    ity = key.dtype
-    nbits = torch.iinfo(ity).bits
-    flip = torch.bitwise_right_shift(key, nbits - 1).bitwise_and_(torch.iinfo(ity).max)
-    bits = key ^ flip
-    return bits.view(torch.float64 if nbits == 64 else torch.float32)
 
 
 class Backend:
@@ -144,11 +98,10 @@ class Backend:
     def select_local(self, chunk, keys: Tensor) -> Optional[Tensor]:
         return None
 
-    def select(self, chunk, keys: Tensor, hist0: Optional[Tensor]):
-        """Phase 2 of a top-K chunk: what ``apply`` takes as ``t_key``.  Default: the radix
-        select of ``mgup_dist.selection`` over this backend's primitives (``t_key`` int
-        [n_units], losing ties lowered).  A backend may return its own form, which only its
-        ``apply`` reads; it must enter the same collectives as ``selection.threshold``."""
-        from ..selection import threshold
-
-        return threshold(self, chunk, keys, hist0)
+    def select(self, chunk, keys: Tensor, hist0: Optional[Tensor], reduce: Reduce):
+        """Phase 2 of a top-K chunk: what ``apply`` takes as ``t_key``, or None to run the
+        radix select of ``mgup_dist.selection`` over this backend's primitives.  A backend's
+        own form is read only by its own ``apply``.  ``reduce(t)`` sums ``t`` over the ranks
+        of a split chunk in place (the identity otherwise): the only communication a backend
+        may issue, called at the same points on every rank whatever it holds."""
+        return None

@@ -39,8 +39,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .. import selection as _selection
-from .base import KEY_NAN, radix_widths
+from ..radix import KEY_NAN, radix_widths
 from .torch_ops import TorchOps
 
 __all__ = ["CPU", "BLOCK_ELEMS"]
@@ -184,16 +183,6 @@ class CPU(TorchOps):
         return None
 
     # ------------------------------------------------------------------ phase 2
-    def select(self, chunk, keys, hist0):
-        """The K-th key of every unit (losing ties lowered): the bracket select for units
-        held whole here, else the radix select of ``mgup_dist.selection`` (same collectives
-        on every rank)."""
-        if not chunk.split:
-            t = self.select_local(chunk, keys)
-            if t is not None:
-                return t
-        return _selection.threshold(self, chunk, keys, hist0)
-
     def select_local(self, chunk, keys) -> Optional[torch.Tensor]:
         units = [p for p in chunk.pieces if p.unit >= 0]
         if torch.compiler.is_compiling() or len(units) != chunk.n_units or chunk.n_units == 0:

@@ -37,7 +37,8 @@ from typing import List, Optional
 
 import torch
 
-from .base import Backend, Bufs, keys_, radix_widths
+from ..radix import keys_, radix_widths, tie_cutoff, unit_tables
+from .base import Backend, Bufs
 
 Tensor = torch.Tensor
 
@@ -215,19 +216,17 @@ class TorchOps(Backend):
         cls = type(self)
         return all(getattr(cls, n) is getattr(TorchOps, n) for n in ("histogram", "tie_counts", "resolve_ties", "select_local"))
 
-    def select(self, chunk, keys, hist0):
+    def select(self, chunk, keys, hist0, reduce):
         if not self._lean() or keys.dtype != torch.int32 or hist0 is not None:
             # 64-bit keys (float64 params) take the generic passes: the offset arithmetic
             # below needs int64 headroom above the keys
-            return super().select(chunk, keys, hist0)
-        return self._select(chunk, keys)
+            return None
+        return self._select(chunk, keys, reduce)
 
     def _select_tables(self, chunk, device):
         key = ("torch_ops_select", device)
         t = chunk.cache.get(key)
         if t is None:
-            from ..selection import unit_tables
-
             U = chunk.n_units
             units = [p.unit for p in chunk.pieces if p.unit >= 0]
             fast = not chunk.split and units == list(range(U))  # every unit one local piece, in order
@@ -264,7 +263,7 @@ class TorchOps(Backend):
             chunk.cache[key] = t
         return t
 
-    def _select(self, chunk, keys) -> TopK:
+    def _select(self, chunk, keys, reduce) -> TopK:
         """The K-th key of every unit of the chunk, and the tie cut-offs, in a fixed number of
         ops (two radix passes of 16 bits: 20 ops, whatever the number of units).
 
@@ -278,9 +277,6 @@ class TorchOps(Backend):
         whose cumulative count is ``<= r`` (``searchsorted``): ``selection.choose_digit`` from
         the bottom.  After the last pass, ``(count <= t) - r`` keys equal to ``t`` are selected
         (``K - count(> t)``), lowest index first."""
-        from ..collectives import all_reduce_sum
-        from ..selection import tie_cutoff
-
         dev = keys.device
         U, N = chunk.n_units, chunk.numel
         R = U + 2
@@ -318,8 +314,7 @@ class TorchOps(Backend):
             hist_all.scatter_add_(0, idx, ones)
             del idx
             hist = hist_all[base: base + R * W]
-            if chunk.split:
-                all_reduce_sum(hist, chunk.group)
+            reduce(hist)
             c = hist.view(R, W).cumsum(1)
             torch.searchsorted(c, tab["r_search"], right=True, out=col[1:])
             colv = col.view(-1)
@@ -357,8 +352,7 @@ class TorchOps(Backend):
         ties = csum.index_select(0, starts + tab["lengths"]) - before_piece
         slots = torch.zeros(chunk.n_slots + 1, dtype=torch.int64, device=dev)
         slots.scatter_add_(0, tab["piece_slot"], ties.to(torch.int64))
-        if chunk.split:
-            all_reduce_sum(slots, chunk.group)
+        reduce(slots)
         take_slot = tie_cutoff(slots, take[2:], tab["slot_unit"], tab["first_slot"])
         off = take_slot.index_select(0, tab["piece_slot"])
         return TopK(t, off, eu, ep, csum)

@@ -46,8 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..collectives import all_reduce_sum
-from .base import KEY_NAN
+from ..radix import KEY_NAN
 from .torch_ops import TorchOps, step_sizes
 
 Tensor = torch.Tensor
@@ -600,12 +599,12 @@ class TritonCUDA(TorchOps):
         return torch.zeros(3 * U1 * NB + _ST_ROWS * U1 + max(n, 1), dtype=torch.int64, device=device)
 
     # -- phase 2 ----------------------------------------------------------------------------
-    def select(self, chunk, keys, hist0):
+    def select(self, chunk, keys, hist0, reduce):
         """AIR-style radix select of every unit of the chunk at once (see the module doc).
         Taken for every int32-key chunk, also when this rank holds none of the chunk's pieces
         or another backend scored it (Muon): the same collectives on every rank."""
         if keys.dtype != torch.int32:
-            return super().select(chunk, keys, hist0)
+            return super().select(chunk, keys, hist0, reduce)
         dev = keys.device
         U, U1 = chunk.n_units, chunk.n_units + 1
         stat = self._static(chunk, dev)
@@ -621,8 +620,7 @@ class TritonCUDA(TorchOps):
             if run and (p > 0 or hist0 is None):
                 _pass_kernel[(stat["n"],)](tab, stat["blk"], keys, st, stat["k"], hists[p], U,
                                            FIRST=p == 0, SHIFT=shift, WIDTH=width, ALIGNED=aligned, **common)
-            if chunk.split:
-                all_reduce_sum(hists[p], chunk.group)
+            reduce(hists[p])
             _digit_kernel[(U1,)](hists[p], st, stat["k"], U1, FIRST=p == 0, LAST=p == len(WIDTHS) - 1,
                                  WIDTH=width, NBINS=NB)
         # ties at t that need a cut: ranked in index order over all ranks' pieces of the unit
@@ -631,8 +629,7 @@ class TritonCUDA(TorchOps):
         nb = max(stat["n"], 1)
         c = cnt[:nb]
         slots = torch.zeros(chunk.n_slots + 1, dtype=torch.int64, device=dev).index_add_(0, stat["blk_slot"], c)
-        if chunk.split:
-            all_reduce_sum(slots, chunk.group)
+        reduce(slots)
         s_excl = slots.cumsum(0) - slots
         before_slot = s_excl - s_excl.index_select(0, stat["first_slot"])  # ties in earlier slots of the unit
         b_excl = c.cumsum(0) - c
