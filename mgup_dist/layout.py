@@ -22,7 +22,7 @@ from typing import Hashable, Optional, Tuple
 
 import torch
 
-__all__ = ["Segment", "Layout", "whole_layout", "dtensor_layout", "chunk_rows"]
+__all__ = ["Segment", "Layout", "whole_layout", "dtensor_layout", "chunk_rows", "is_dtensor", "local_of", "real_of"]
 
 
 @dataclass(frozen=True)
@@ -219,3 +219,26 @@ def dtensor_layout(param, tensor_id: Hashable) -> Layout:
         group=mesh.get_group(d) if world > 1 else None,
         collective=((tensor_id, numel),) if split else (),
     )
+
+
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """What this rank holds of ``t``: a DTensor's local shard, any other tensor itself."""
+    if t is not None and is_dtensor(t):
+        return t.to_local()
+    return t
+
+
+def real_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A complex tensor as its real view (torch.view_as_real: [..., 2], each real and
+    imaginary part one coordinate, as torch's AdamW steps complex params); others as given."""
+    if t is not None and t.is_complex():
+        return torch.view_as_real(t)
+    return t

@@ -17,12 +17,16 @@ from typing import Callable, Dict, List
 
 import torch
 
-from . import selection
+from . import buffers, selection
+from .agreement import AGREE, check_at_plan
 from .collectives import all_reduce_sum
+from .kernels import get_backend
 from .kernels.base import Bufs
-from .rules import Rule, muon_lr_scale, newton_schulz
+from .options import check_backend_device, lr_0d
+from .plan import build_plan, chunk_cap
+from .rules import RULES, Rule, muon_lr_scale, newton_schulz
 
-__all__ = ["GroupStep", "run_group"]
+__all__ = ["GroupStep", "step_group", "run_group"]
 
 
 @dataclass
@@ -38,6 +42,42 @@ class GroupStep:
     float_dtype: torch.dtype  # scratch: float32, float64 for float64 params
     scratch: Callable  # scratch(n, dtype, device) -> flat tensor of >= n elements
     writeback: List = ()  # (param, contiguous copy): non-contiguous params are stepped on a copy
+
+
+def step_group(opt, group) -> None:
+    """One param group's step: its buffers (``mgup_dist.buffers``), its plan (cached on the
+    optimizer; building one checks the ranks' agreement), the backend of its device, then
+    the three phases (``run_group``)."""
+    if not group["params"]:
+        return
+    rule = RULES[group["rule"]]
+    gb = buffers.gather(opt, group, rule)
+    plan = _plan(opt, group, gb.layouts, rule, gb.device)
+    if group["backend"] == "triton" and gb.device.type == "cpu":
+        check_backend_device(group, lambda p: gb.device, " (at step)")
+    foreach = True if group["foreach"] is None else group["foreach"]
+    backend = get_backend(gb.device, foreach=foreach, compile=group["compile"], kind=group["backend"])
+    hp = {k: v for k, v in group.items() if k not in ("params", "_validated")}
+    hp["lr"] = lr_0d(hp["lr"])
+    # the last statement: torch.compile(opt.step) breaks the graph inside, and nothing
+    # (no view of a param) must be live in the frame it resumes afterwards
+    return run_group(backend, GroupStep(rule, hp, plan, gb.bufs, gb.has_grad, gb.device, gb.float_dtype,
+                                        opt._workspace, gb.writeback))
+
+
+def _plan(opt, group, layouts, rule: Rule, device: torch.device):
+    """The group's plan (from layouts and hyperparameters only), built on the first step
+    and after a change; building it checks, across the ranks of the group's process
+    group, that the hyperparameters that decide collectives and selection agree."""
+    cap = chunk_cap(device.type, group.get("chunk_elems"))
+    key = (tuple(id(lay) for lay in layouts), group["scope"], group["mask_ratio"], rule.matrix, cap, *(group[k] for k in AGREE))
+    hit = opt._plans.get(id(group))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    check_at_plan(type(opt).__name__, group, layouts, getattr(opt, "_replica_group", False), opt.check_agreement)
+    plan = build_plan(layouts, group["scope"], group["mask_ratio"], assemble=rule.matrix, cap=cap)
+    opt._plans[id(group)] = (key, plan)
+    return plan
 
 
 def run_group(backend, st: GroupStep) -> None:

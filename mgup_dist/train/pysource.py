@@ -24,7 +24,7 @@ Real text of tens to hundreds of MB that every machine with Python has, no downl
   each file followed by EOS (257).  Stored as int16 (2 bytes a token).
 
 Windows, data order and resume work as for the embedded corpus
-(:class:`~mgup_dist.train.data.IndexedWindows`: the position is a function of the step).
+(:class:`~mgup_dist.train.windows.IndexedWindows`: the position is a function of the step).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .data import IndexedWindows, eval_windows
+from .windows import IndexedWindows, eval_windows
 
 __all__ = ["VAL_FRACTION", "default_roots", "parse_roots", "list_files", "build_corpus", "PySourceWindows",
            "build_pysource"]
