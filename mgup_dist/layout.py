@@ -221,12 +221,17 @@ def dtensor_layout(param, tensor_id: Hashable) -> Layout:
     )
 
 
+_DTENSOR: list = []  # DTensor's class, imported once (a step asks for every param)
+
+
 def is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return False
-    return isinstance(t, DTensor)
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without DTensor
+            DTensor = ()
+        _DTENSOR.append(DTensor)
+    return isinstance(t, _DTENSOR[0])
 
 
 def local_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -13,6 +13,13 @@ Allocations (``empty*``) launch nothing and are not counted; ops on host-side CP
 device value back to the host fails here (a meta tensor has no value): the count is also a
 check that the step is free of host synchronisation.
 
+The ``host ms`` column is the step's own host work: the median thread CPU time of one step
+(time the process spends in Python and in dispatching, not waiting) with the model's tensors
+— as many, of the same ranks — cut to at most 64 x 64 elements on the CPU, Triton launches
+stubbed (the Triton row runs the Triton backend's host code over CPU tensors).  An eager step
+on an accelerator waits on the host when this exceeds the kernels' time (~2 ms for a 130M
+model on an H100).
+
 Rows: ``backend="torch"`` (the NPU path and every device without Triton) and
 ``backend="triton"`` (the CUDA path), after one warm-up step (state allocation, cached
 tables), for ``MGUPAdamW``, ``CMGUPAdamW``, ``MGUPLion`` and ``torch.optim.AdamW(foreach=True)``.
@@ -28,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["OpCounter", "count_step", "model_params", "main"]
+__all__ = ["OpCounter", "count_step", "model_params", "host_ms", "main"]
 
 _FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh")
 
@@ -109,11 +116,41 @@ def count_step(make: Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer]
     return {"aten": aten, "triton": tri, "total": aten + tri, "ops": ops}
 
 
-def _rows(capturable: bool) -> List[Tuple[str, str, Callable]]:
+def host_ms(make: Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer], model: str = "llama130m",
+            split: int = 1, backend: str = "triton", steps: int = 20, warmup: int = 3) -> float:
+    """Median thread CPU time (ms) of one step's host work (see the module doc)."""
+    import statistics
+    import time
+    from unittest import mock
+
+    from . import pipeline
+
+    params = []
+    for p in model_params(model, split):
+        q = torch.nn.Parameter(torch.zeros(tuple(min(d, 64) for d in p.shape)))
+        q.grad = torch.full_like(q, 1e-3)
+        params.append(q)
+    opt = make(params)
+    stub = contextlib.nullcontext()
+    if backend == "triton":
+        from .kernels.triton_cuda import TritonCUDA
+
+        stub = mock.patch.object(pipeline, "get_backend", lambda *a, **k: TritonCUDA())
+    times = []
+    with _count_triton(Counter()), stub:
+        for i in range(warmup + steps):
+            t = time.thread_time()
+            opt.step()
+            if i >= warmup:
+                times.append(time.thread_time() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _rows(capturable: bool, backends=("torch", "triton")) -> List[Tuple[str, str, Callable]]:
     from .optim import CMGUPAdamW, MGUPAdamW, MGUPLion
 
     rows = []
-    for backend in ("torch", "triton"):
+    for backend in backends:
         kw = dict(backend=backend, capturable=capturable)
         rows += [
             (backend, "MGUPAdamW", lambda ps, kw=kw: MGUPAdamW(ps, lr=1e-3, **kw)),
@@ -139,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[str, str, Dict]]:
     out = []
     n_t = len(model_params(args.model, args.split))
     print(f"{args.model}: {n_t} tensors, split {args.split}, capturable={args.capturable}; ops of one step on 'meta'")
-    print(f"{'backend':8} {'optimizer':22} {'aten':>6} {'triton':>7} {'total':>6}")
+    print(f"{'backend':8} {'optimizer':22} {'aten':>6} {'triton':>7} {'total':>6} {'host ms':>8}")
     for backend, name, make in _rows(args.capturable):
         if backend == "triton":
             try:
@@ -152,12 +189,24 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[str, str, Dict]]:
         except (AssertionError, RuntimeError, ValueError) as e:  # e.g. torch's capturable AdamW refuses 'meta'
             print(f"{backend:8} {name:22} n/a: {str(e).splitlines()[0][:80]}")
             continue
-        print(f"{backend:8} {name:22} {res['aten']:6d} {res['triton']:7d} {res['total']:6d}")
+        host = _host_or_none(args, backend, name)
+        res["host_ms"] = host
+        shown = f"{host:8.2f}" if host is not None else f"{'n/a':>8}"
+        print(f"{backend:8} {name:22} {res['aten']:6d} {res['triton']:7d} {res['total']:6d} {shown}")
         if args.top:
             for op, n in res["ops"].most_common(args.top):
                 print(f"{'':31} {n:6d}  {op}")
         out.append((backend, name, res))
     return out
+
+
+def _host_or_none(args, backend, name):
+    """The row's host time, its optimizer made again for CPU params (the Triton row with
+    backend='torch', whose phases ``host_ms`` replaces by the Triton backend's)."""
+    if name.startswith("AdamW") and args.capturable:
+        return None  # torch's capturable AdamW wants its params on an accelerator
+    make = {n: m for b, n, m in _rows(args.capturable, backends=("torch",))}[name]
+    return host_ms(make, args.model, args.split, backend)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,8 @@ class _MGUPOptimizer(Optimizer):
         return loss
 
     def _workspace(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return workspace(self._scratch, 0, n, dtype, device)
         budget = sum(local_of(p).numel() for g in self.param_groups for p in g["params"])
         return workspace(self._scratch, budget, n, dtype, device)
 
@@ -190,6 +192,7 @@ class _MGUPOptimizer(Optimizer):
                          ("_adamw_ids", set())):  # MGUPMuon: ids of another process's tensors mean nothing
             self.__dict__.setdefault(key, val)
         self.__dict__.setdefault("_agreement", StepAgreement())
+        self.__dict__.pop("_static", None)  # flat views of the state tensors this replaces
         for group in self.param_groups:
             for key, val in GROUP_DEFAULTS + (("rule", self.rule_name),):
                 group.setdefault(key, val)
@@ -214,6 +217,7 @@ class _MGUPOptimizer(Optimizer):
                 f"layout describes a buffer of {layout.numel} elements but the parameter holds {local.numel()} locally"
             )
         self._layouts[id(param)] = (param, layout)
+        self._layout_version = getattr(self, "_layout_version", 0) + 1
         self._plans.clear()
 
     def layout_of(self, param: torch.Tensor) -> Layout:

@@ -52,7 +52,7 @@ def step_group(opt, group) -> None:
         return
     rule = RULES[group["rule"]]
     gb = buffers.gather(opt, group, rule)
-    plan = _plan(opt, group, gb.layouts, rule, gb.device)
+    plan = _plan(opt, group, gb, rule)
     if group["backend"] == "triton" and gb.device.type == "cpu":
         check_backend_device(group, lambda p: gb.device, " (at step)")
     foreach = True if group["foreach"] is None else group["foreach"]
@@ -65,12 +65,13 @@ def step_group(opt, group) -> None:
                                         opt._workspace, gb.writeback))
 
 
-def _plan(opt, group, layouts, rule: Rule, device: torch.device):
+def _plan(opt, group, gb, rule: Rule):
     """The group's plan (from layouts and hyperparameters only), built on the first step
     and after a change; building it checks, across the ranks of the group's process
     group, that the hyperparameters that decide collectives and selection agree."""
-    cap = chunk_cap(device.type, group.get("chunk_elems"))
-    key = (tuple(id(lay) for lay in layouts), group["scope"], group["mask_ratio"], rule.matrix, cap, *(group[k] for k in AGREE))
+    layouts = gb.layouts
+    cap = chunk_cap(gb.device.type, group.get("chunk_elems"))
+    key = (gb.key, group["scope"], group["mask_ratio"], rule.matrix, cap, *(group[k] for k in AGREE))
     hit = opt._plans.get(id(group))
     if hit is not None and hit[0] == key:
         return hit[1]
