@@ -51,10 +51,10 @@ def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _raise(cls_name: str, what: str, shown: str, also: str) -> None:
+def _raise(cls_name: str, what: str, shown: str, also: str, where: str = "") -> None:
     raise ValueError(
-        f"{cls_name}: the ranks disagree on {what} ({shown}); every rank must use the same {what.split('[')[0]} "
-        f"for a param group {also}"
+        f"{cls_name}: the ranks disagree on {what}{where} ({shown}); every rank must use the same "
+        f"{what.split('[')[0]} for a param group {also}"
     )
 
 
@@ -160,9 +160,9 @@ class StepAgreement:
                 shown = ", ".join(f"rank {r}: {'has it' if v is not absent else 'has none'}" for r, v in enumerate(per_rank))
                 raise ValueError(f"{cls_name}: the ranks disagree on {gname} ({shown}); every rank must hold the same "
                                  "param groups of a sharded or replicated model")
-            for k in sorted({k for v in per_rank for k in v}):
+            for k in AGREE + AGREE_STEP:   # what decides the most first: a rule, then its values
                 vals = [v.get(k, absent) for v in per_rank]
                 if any(x != vals[0] for x in vals):
                     shown = ", ".join(f"rank {r}: {'(none)' if x is absent else repr(x)}" for r, x in enumerate(vals))
-                    _raise(cls_name, f"{k} of {gname}", shown,
-                           "(also after a scheduler changes it), or the replicas / shards drift apart")
+                    _raise(cls_name, k, shown, "(also after a scheduler changes it), or the replicas / shards drift apart",
+                           f" of {gname}")

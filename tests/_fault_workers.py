@@ -113,3 +113,52 @@ def agreement_zero2(rank, world):
     except ValueError as e:
         return str(e)
     return None
+
+
+def structural_disagreements(rank, world, cases):
+    """Ranks whose optimizers differ in what they hold (another rule, an extra param group,
+    another backend, compile on one rank only), a 0-d tensor lr that differs, a mask_ratio
+    changed on one rank mid-run: each case returns the ValueError text of this rank (None: no
+    error) and the step it was raised at.  A gloo size mismatch would abort the process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mgup_dist import MGUPAdamW, MGUPLion
+
+    out = []
+    for case in cases:
+        model = _model()
+        if case in ("backend", "mid_run_mask_ratio"):
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+            wrapped = model
+        else:
+            wrapped = DDP(model)
+        params = list(model.parameters())
+        kw = {"lr": 1e-2}
+        if case == "rule" and rank == 1:
+            opt = MGUPLion(params, **kw)
+        elif case == "extra_group" and rank == 1:
+            opt = MGUPAdamW([{"params": params[:2]}, {"params": params[2:]}], **kw)
+        elif case == "backend":
+            opt = MGUPAdamW(params, backend="torch" if rank == 1 else "cpu", **kw)
+        elif case == "tensor_lr":
+            opt = MGUPAdamW(params, lr=torch.tensor(1e-3 if rank == 0 else 2e-3))
+        else:
+            opt = MGUPAdamW(params, **kw)
+        if case != "backend" and case != "mid_run_mask_ratio":
+            opt.replicated()
+        torch.manual_seed(1 + rank)
+        got = (None, None)
+        try:
+            for step in range(4):
+                if case == "mid_run_mask_ratio" and step == 2 and rank == 1:
+                    opt.param_groups[0]["mask_ratio"] = 0.25
+                wrapped(torch.randn(4, 8)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        except ValueError as e:
+            got = (str(e), step)
+        out.append(got)
+        dist.barrier()
+    return out

@@ -331,3 +331,40 @@ def test_deepspeed_muon_two_ranks(tmp_path):
     assert "terminate called" not in r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 2 and s["world_size"] == 2 and s["final_loss"] == s["final_loss"]
+
+
+@pytest.mark.timeout(400)
+def test_ranks_whose_optimizers_differ_in_structure_raise_by_name():
+    """The per-step check is one fixed-size all-reduce whatever each rank holds: another rule
+    or an extra param group on one rank, a per-rank backend, differing 0-d tensor lrs and a
+    mask_ratio changed on one rank mid-run end in the same ValueError on both ranks, at the
+    same step, naming what differs (not a gloo abort or a hang in mismatched collectives)."""
+    from dist_utils import run_distributed
+
+    import _fault_workers as W
+
+    cases = ["rule", "extra_group", "backend", "tensor_lr", "mid_run_mask_ratio"]
+    names = {"rule": "rule", "extra_group": "param group 1", "backend": "backend", "tensor_lr": "lr",
+             "mid_run_mask_ratio": "mask_ratio"}
+    res = run_distributed(W.structural_disagreements, 2, cases, timeout=380)
+    for case, got0, got1 in zip(cases, res[0], res[1]):
+        # the same text after each rank's own class name (rank 1 may run another optimizer)
+        assert (got0[0].split(": ", 1)[1], got0[1]) == (got1[0].split(": ", 1)[1], got1[1]), (case, got0, got1)
+        msg, step = got0
+        assert msg is not None and names[case] in msg and "rank 0" in msg and "rank 1" in msg, (case, msg)
+        assert step == (2 if case == "mid_run_mask_ratio" else 0), (case, step)
+
+
+def test_an_lr_tensor_set_to_nan_in_place_is_refused_at_the_next_step():
+    from mgup_dist import MGUPAdamW
+
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    lr = torch.tensor(1e-3)
+    opt = MGUPAdamW([p], lr=lr)
+    opt.step()
+    lr.fill_(float("nan"))
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="lr must be a finite real number"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
