@@ -1,8 +1,9 @@
 """One MGUP step of one param group: direction -> select -> apply, chunk by chunk.
 
+    step_group: buffers.gather, the plan (cached; built with the ranks' agreement), the backend
     for chunk in plan:                              (mgup_dist.plan: from layouts, cached)
         keys  = backend.score(rule, ...)            phase 1: moments, u, s = u*g -> order keys
-        t     = backend.select(chunk, keys, ...)    phase 2: K-th key per unit, ties (cautious: a constant)
+        t     = selection.select(backend, ...)      phase 2: K-th key per unit, ties (cautious: a constant)
         backend.apply(rule, ..., t)                 phase 3: phi, weight decay, the step
 
 The scratch of a chunk (its keys) is the only per-step memory besides what a backend

@@ -151,3 +151,8 @@ def test_docs_code_md_lists_every_floor():
         short = re.sub(r"^mgup_dist\.?", "", mod).rstrip(".")
         if short:
             assert short.replace(".", "/") in text or short in text, f"docs/code.md does not place {mod}"
+
+
+def test_every_module_says_its_job():
+    missing = [m for m, (path, _) in _modules().items() if not ast.get_docstring(ast.parse(path.read_text()))]
+    assert not missing, f"modules without a docstring saying their job: {missing}"
