@@ -84,8 +84,8 @@ def test_study_killed_after_one_run_continues_without_rerunning_it(tmp_path):
         assert (out / png).stat().st_size > 0
     md = (out / "summary.md").read_text()
     assert "| adamw | 0.001 | 1 |" in md and "too few seeds to tell" not in md   # no pair of these two
-    sessions = json.loads((out / "study.json").read_text())["sessions"]
-    assert sessions[-1]["runs_completed"] == 1 and sessions[-1]["torch"] == torch.__version__
+    invocations = json.loads((out / "study.json").read_text())["invocations"]
+    assert invocations[-1]["runs_completed"] == 1 and invocations[-1]["torch"] == torch.__version__
 
 
 def _summarize_fake(tmp_path, losses):

@@ -645,19 +645,19 @@ def _run_inline(spec: Dict, run: Dict) -> Tuple[int, float]:
     return rc, time.monotonic() - t0
 
 
-def _record_session(spec: Dict, argv: Sequence[str], started: float, finished: float, n_done: int,
+def _record_invocation(spec: Dict, argv: Sequence[str], started: float, finished: float, n_done: int,
                     failed: List[str]) -> None:
     """study.json: what ran where and when, one entry per invocation (a resumed study has several)."""
     import torch
 
     path = os.path.join(spec["out_dir"], "study.json")
-    data = _read_json(path) or {"sessions": []}
+    data = _read_json(path) or {"invocations": []}
     try:
         load = os.getloadavg()
     except OSError:   # pragma: no cover
         load = None
     data["spec"] = spec["path"]
-    data["sessions"].append({
+    data["invocations"].append({
         "command": shlex.join(["mgup-dist", "study", *argv]),
         "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "finished_utc": datetime.datetime.fromtimestamp(finished, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -730,14 +730,14 @@ def execute(spec: Dict, *, jobs: int = 1, launcher: Optional[str] = None, shard=
     except KeyboardInterrupt:
         log("interrupted: stopping the live runs; rerun the same command to continue")
         pool.stop()
-        _record_session(spec, argv, started, time.time(), n_done, failed + ["interrupted"])
+        _record_invocation(spec, argv, started, time.time(), n_done, failed + ["interrupted"])
         return 130
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     all_runs = plan_runs(spec, best_lrs(spec, collect(spec, plan_runs(spec))))
     res = summarize(spec, all_runs, plots=plots)
-    _record_session(spec, argv, started, time.time(), n_done, failed)
+    _record_invocation(spec, argv, started, time.time(), n_done, failed)
     log(f"{res['runs_finished']}/{res['runs_planned']} runs finished in all; summary in "
         f"{os.path.join(spec['out_dir'], 'summary.md')}")
     if failed:
