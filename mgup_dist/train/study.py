@@ -388,11 +388,12 @@ def summarize(spec: Dict, runs: List[Dict], *, plots: bool = True) -> Dict:
               "runs_planned": len(runs), "cells": rows,
               "best_lr": [{"optimizer": o, "tau": t, "lr": lr} for (o, t), lr in best.items()],
               "comparisons": comparisons}
-    tmp = os.path.join(out_dir, "summary.json.tmp")
+    # unique temporary names: shards of one study (slurm array tasks) may write at once
+    tmp = os.path.join(out_dir, f".summary.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
     os.replace(tmp, os.path.join(out_dir, "summary.json"))
-    with open(os.path.join(out_dir, "summary.csv.tmp"), "w", newline="") as f:
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["optimizer", "tau", "lr", "n_seeds", "seeds", "final_val_loss_mean", "final_val_loss_std",
                     "best_val_loss_mean", "best_val_loss_std", "best_lr"])
@@ -401,11 +402,10 @@ def summarize(spec: Dict, runs: List[Dict], *, plots: bool = True) -> Dict:
                         " ".join(map(str, r["seeds"])), f"{r['final_val_loss_mean']:.6f}",
                         f"{r['final_val_loss_std']:.6f}", f"{r['best_val_loss_mean']:.6f}",
                         f"{r['best_val_loss_std']:.6f}", int(r["best_lr"])])
-    os.replace(os.path.join(out_dir, "summary.csv.tmp"), os.path.join(out_dir, "summary.csv"))
-    md = _markdown(spec, rows, best, cells, comparisons, done, len(runs))
-    with open(os.path.join(out_dir, "summary.md.tmp"), "w") as f:
-        f.write(md)
-    os.replace(os.path.join(out_dir, "summary.md.tmp"), os.path.join(out_dir, "summary.md"))
+    os.replace(tmp, os.path.join(out_dir, "summary.csv"))
+    with open(tmp, "w") as f:
+        f.write(_markdown(spec, rows, best, cells, comparisons, done, len(runs)))
+    os.replace(tmp, os.path.join(out_dir, "summary.md"))
     if plots and cells:
         try:
             result["plots"] = plot_study(spec, cells, best)
@@ -665,9 +665,9 @@ def _record_invocation(spec: Dict, argv: Sequence[str], started: float, finished
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
         "load_avg_at_end": load, "python": platform.python_version(), "torch": torch.__version__,
         "platform": platform.platform()})
-    with open(path + ".tmp", "w") as f:
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
         json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def execute(spec: Dict, *, jobs: int = 1, launcher: Optional[str] = None, shard=None, argv: Sequence[str] = (),
