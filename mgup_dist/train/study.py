@@ -466,6 +466,18 @@ def _band(curves: List[List[Tuple]], xi: int):
     return xs, ms, ss
 
 
+# one colour per optimizer, dashed for the baselines without MGUP's scale
+_COLORS = {"adamw": "tab:blue", "mgup_adamw": "tab:orange", "cmgup_adamw": "tab:green", "cautious_adamw": "tab:red",
+           "lion": "tab:purple", "mgup_lion": "tab:brown", "muon": "tab:gray", "mgup_muon": "tab:olive"}
+
+
+def _style(opt: str) -> Dict:
+    st = {"linestyle": "--" if opt in ("adamw", "cautious_adamw", "lion", "muon") else "-"}
+    if opt in _COLORS:
+        st["color"] = _COLORS[opt]
+    return st
+
+
 def plot_study(spec: Dict, cells: Dict[str, Dict], best) -> List[str]:
     """val_loss_steps.png and val_loss_time.png (each optimizer at its best lr: mean over
     seeds, band = ± one std) and lr_sensitivity.png (loss against lr per optimizer)."""
@@ -483,7 +495,7 @@ def plot_study(spec: Dict, cells: Dict[str, Dict], best) -> List[str]:
             xs, ms, ss = _band([v["curve"] for v in c["seeds"].values()], xi)
             if not xs:
                 continue
-            line, = ax.plot(xs, ms, label=f"{_label(opt, tau)}, lr {lr:g} ({c['n']} seeds)")
+            line, = ax.plot(xs, ms, label=f"{_label(opt, tau)}, lr {lr:g} ({c['n']} seeds)", **_style(opt))
             ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)],
                             color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel(xlabel)
@@ -500,24 +512,33 @@ def plot_study(spec: Dict, cells: Dict[str, Dict], best) -> List[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         out.append(path)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # one panel per base rule (their learning rates are not on one scale)
     key = spec["select_by"]
-    for opt, o in spec["optimizers"].items():
-        for tau in (spec["taus"] if opt in MGUP_OPTIMIZERS else [None]):
-            pts = [(lr, cells[cell_id(opt, lr, tau)]) for lr in o["lrs"] if cell_id(opt, lr, tau) in cells]
-            if not pts:
-                continue
-            # the sweep seeds only, so that every point of a curve has the same seeds
-            stats = [_mean_std([c["seeds"][s][key] for s in spec["seeds"] if s in c["seeds"]]) for _, c in pts]
-            ax.errorbar([lr for lr, _ in pts], [m for m, _ in stats],
-                        yerr=[s if math.isfinite(s) else 0.0 for _, s in stats], marker="o", capsize=3,
-                        label=_label(opt, tau))
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel(f"{key.replace('_', ' ')} (mean ± std, sweep seeds)")
-    ax.set_title(f"{spec['name']}: learning-rate sensitivity")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
+    fams: Dict[str, List[str]] = {}
+    for opt in spec["optimizers"]:
+        fams.setdefault("Lion" if "lion" in opt else "Muon" if "muon" in opt else "AdamW", []).append(opt)
+    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams) + 0.8, 4.5), squeeze=False, sharey=True)
+    for ax, (fam, opts) in zip(axes[0], fams.items()):
+        for opt in opts:
+            o = spec["optimizers"][opt]
+            for tau in (spec["taus"] if opt in MGUP_OPTIMIZERS else [None]):
+                pts = [(lr, cells[cell_id(opt, lr, tau)]) for lr in o["lrs"] if cell_id(opt, lr, tau) in cells]
+                if not pts:
+                    continue
+                # the sweep seeds only, so that every point of a curve has the same seeds
+                stats = [_mean_std([c["seeds"][s][key] for s in spec["seeds"] if s in c["seeds"]]) for _, c in pts]
+                ax.errorbar([lr for lr, _ in pts], [m for m, _ in stats],
+                            yerr=[s if math.isfinite(s) else 0.0 for _, s in stats], marker="o", capsize=3,
+                            label=_label(opt, tau), **_style(opt))
+        ax.set_xscale("log")
+        flags = sorted({f for opt in opts for f in spec["optimizers"][opt]["lr_flags"]})
+        ax.set_xlabel("peak " + " = ".join("matrix lr (--muon-lr)" if f == "muon_lr" else "lr" for f in flags))
+        ax.set_title(fam)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(f"{key.replace('_', ' ')} (mean ± std, sweep seeds)")
+    fig.suptitle(f"{spec['name']}: learning-rate sensitivity")
     fig.tight_layout()
     path = os.path.join(spec["out_dir"], "lr_sensitivity.png")
     fig.savefig(path, dpi=110)
