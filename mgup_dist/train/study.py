@@ -737,7 +737,8 @@ def execute(spec: Dict, *, jobs: int = 1, launcher: Optional[str] = None, shard=
                 n_done += 1
                 durations.append(dt)
             else:
-                failed.append(f"{run['cell']} seed {run['seed']} (exit {rc}; see {os.path.join(run['dir'], 'log.txt')})")
+                where = os.path.join(run["dir"], "log.txt")
+                failed.append(f"{run['cell']} seed {run['seed']} (exit {rc}; see {where})")
                 log(f"FAILED {failed[-1]}")
             runs = _selected(plan_runs(spec, best_lrs(spec, collect(spec, plan_runs(spec)))), shard)
             finished = sum(1 for r in runs if is_finished(spec, r))
