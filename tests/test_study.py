@@ -226,6 +226,10 @@ def test_muon_is_torch_muon_plus_adamw_and_checkpoints():
     assert names == {"momentum_buffer", "exp_avg", "exp_avg_sq", "step"}
 
 
-def test_muon_baseline_refuses_sharded_engines():
+def test_baselines_refuse_what_does_not_apply_to_them():
     with pytest.raises(ValueError, match="'muon' .* engine 'ddp' only"):
         tcfg.parse(["--optimizer", "muon", "--engine", "fsdp2"], world_size=1)
+    with pytest.raises(ValueError, match="tau: 'lion' fixes alpha=1.0, gamma=1.0"):
+        build_optimizer(torch.nn.Linear(2, 2), tcfg.parse(["--optimizer", "lion", "--tau", "0.5"], world_size=1))
+    with pytest.raises(ValueError, match="tau: only applies to the MGUP optimizers, not to 'muon'"):
+        build_optimizer(torch.nn.Linear(2, 2), tcfg.parse(["--optimizer", "muon", "--tau", "0.5"], world_size=1))

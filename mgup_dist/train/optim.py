@@ -67,6 +67,8 @@ def optimizer_spec(cfg) -> Tuple[str, Dict]:
             if getattr(cfg, f) is not None:
                 if f in fixed:
                     raise ValueError(f"{f}: {cfg.optimizer!r} fixes {f}={fixed[f]}")
+                if f == "tau" and "alpha" in fixed:   # tau = (alpha, gamma) in one flag
+                    raise ValueError(f"tau: {cfg.optimizer!r} fixes alpha={fixed['alpha']}, gamma={fixed['gamma']}")
                 kw[f] = getattr(cfg, f)
     if cfg.optimizer in _MUON:
         kw["lr"] = cfg.muon_lr if cfg.muon_lr is not None else 2e-2
