@@ -1,6 +1,7 @@
 """``mgup-dist``: one entry point, one subcommand per job.
 
     mgup-dist train [ARGS]            train LLaMA with an MGUP optimizer (default: tiny model, offline, CPU)
+    mgup-dist study SPEC [ARGS]       a grid of train runs (optimizer x lr x seed) and its summary
     mgup-dist plot RUN [RUN ...]      overlay the curves of finished runs
     mgup-dist bench [ARGS]            optimizer step times vs fused AdamW
     mgup-dist bench-selection [ARGS]  selection scope costs on gloo ranks
@@ -14,6 +15,7 @@ from typing import List, Optional
 
 COMMANDS = {
     "train": ("mgup_dist.train.cli", "train LLaMA with an MGUP optimizer (no arguments: tiny model, offline, CPU)"),
+    "study": ("mgup_dist.train.study", "optimizer x lr x seed grid of train runs: mean ± std, best lr, plots"),
     "plot": ("mgup_dist.train.plot", "overlay learning-rate, train and validation curves of several runs"),
     "bench": ("mgup_dist.bench", "median optimizer step times and ratios to torch AdamW"),
     "bench-selection": ("mgup_dist.bench_selection", "tensor / shard / global selection cost on gloo ranks"),

@@ -19,7 +19,7 @@ __all__ = ["OPTIMIZER_NAMES", "ENGINES", "parse", "validate", "resolve_model_con
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-OPTIMIZER_NAMES = ("adamw", "cautious_adamw", "mgup_adamw", "cmgup_adamw", "mgup_lion", "mgup_muon")
+OPTIMIZER_NAMES = ("adamw", "cautious_adamw", "mgup_adamw", "cmgup_adamw", "lion", "mgup_lion", "muon", "mgup_muon")
 ENGINES = ("ddp", "fsdp2", "deepspeed")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--gamma", type=float, default=None, help="MGUP: scale of the others (default 0.5)")
     o.add_argument("--tau", type=float, default=None, help="MGUP shorthand: alpha = 1/tau, gamma = tau")
     o.add_argument("--scope", default=None, help="MGUP selection scope: tensor | shard | global | global_approx")
-    o.add_argument("--muon-lr", type=float, default=None, help="mgup_muon: lr of the matrices (default 2e-2)")
+    o.add_argument("--muon-lr", type=float, default=None, help="muon, mgup_muon: lr of the matrices (default 2e-2)")
     o.add_argument("--opt-kwargs", default=None, help="JSON object of extra optimizer keyword arguments")
     e = p.add_argument_group("engine and device")
     e.add_argument("--engine", default="ddp", help=f"one of {', '.join(ENGINES)}")
@@ -307,6 +307,9 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
         bad("optimizer", f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZER_NAMES)}")
     if cfg.engine not in ENGINES:
         bad("engine", f"unknown engine {cfg.engine!r}; allowed: {', '.join(ENGINES)}")
+    if cfg.optimizer == "muon" and cfg.engine != "ddp":
+        bad("optimizer", f"'muon' (torch.optim.Muon) orthogonalises whole local tensors: engine 'ddp' only, not "
+                         f"{cfg.engine!r}; 'mgup_muon' runs sharded")
     cfg.model_config = resolve_model_config(cfg.model)
     if cfg.vocab_size is None and "vocab_size" not in cfg.model_config:
         bad("model", f"{cfg.model!r} has no vocab_size; add it or pass --vocab-size N / auto")
@@ -461,7 +464,7 @@ def fingerprint(cfg) -> Dict:
     a default explicitly (--tau 0.5, --mask-ratio 0.5) is no change.  The vocabulary is
     compared after the tokenizer is built (--vocab-size auto may equal the model's)."""
     fp = {k: getattr(cfg, k) for k in _FINGERPRINT_KEYS}
-    if cfg.optimizer != "adamw":
+    if cfg.optimizer not in ("adamw", "muon"):
         from .optim import optimizer_spec
 
         _, kw = optimizer_spec(cfg)

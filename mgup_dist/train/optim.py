@@ -6,7 +6,15 @@
                    al.'s Cautious AdamW (phi = 1[u*g > 0] / mean(1[u*g > 0]))
 ``mgup_adamw``     ``MGUPAdamW`` (top-K, defaults mask_ratio 0.5, alpha 2, gamma 0.5)
 ``cmgup_adamw``    ``CMGUPAdamW`` (alpha where u*g > 0, else gamma)
+``lion``           plain Lion (Chen et al. 2023): ``MGUPLion`` with mode="cautious",
+                   alpha=1, gamma=1, so phi = 1 on every coordinate and the step is
+                   ``p -= lr * sign(b1*m + (1-b1)*g)`` exactly
 ``mgup_lion``      ``MGUPLion``
+``muon``           plain Muon: ``torch.optim.Muon`` on the hidden matrices (Nesterov,
+                   5 Newton-Schulz steps, lr scaled by 0.2*sqrt(max(A, B)) as
+                   ``MGUPMuon`` does: ``adjust_lr_fn="match_rms_adamw"``), and
+                   ``torch.optim.AdamW`` on embeddings, LM head and norms
+                   (:class:`MuonWithAdamW`); DDP only
 ``mgup_muon``      ``MGUPMuon``: hidden matrices by Muon; embeddings, LM head and
                    norms by its AdamW fallback
 =================  ==========================================================
@@ -18,30 +26,36 @@ from typing import Dict, List, Tuple
 
 import torch
 
-__all__ = ["optimizer_spec", "param_groups", "build_optimizer", "lr_lambda", "build_scheduler"]
+__all__ = ["optimizer_spec", "param_groups", "build_optimizer", "lr_lambda", "build_scheduler", "MuonWithAdamW"]
 
-# name -> (mgup_dist.OPTIMIZERS key or None for torch AdamW, fixed kwargs)
+# name -> (mgup_dist.OPTIMIZERS key, or None for a plain torch optimizer, fixed kwargs)
 _TABLE = {
     "adamw": (None, {}),
     "cautious_adamw": ("CMGUPAdamW", {"mode": "cautious", "alpha": 1.0, "gamma": 0.0, "normalize": True}),
     "mgup_adamw": ("MGUPAdamW", {}),
     "cmgup_adamw": ("CMGUPAdamW", {}),
+    "lion": ("MGUPLion", {"mode": "cautious", "alpha": 1.0, "gamma": 1.0}),
     "mgup_lion": ("MGUPLion", {}),
+    "muon": (None, {}),
     "mgup_muon": ("MGUPMuon", {}),
 }
+# the plain torch optimizers: name -> class name in optimizer_class
+_PLAIN = {"adamw": "AdamW", "muon": "MuonWithAdamW"}
+_LION = ("lion", "mgup_lion")
+_MUON = ("muon", "mgup_muon")
 _MGUP_FLAGS = ("mask_ratio", "alpha", "gamma", "tau", "scope")
 
 
 def optimizer_spec(cfg) -> Tuple[str, Dict]:
     """(class name, keyword arguments) for the recipe's optimizer name.  The class name is
-    a key of ``mgup_dist.OPTIMIZERS`` or ``"AdamW"`` (torch's)."""
+    a key of ``mgup_dist.OPTIMIZERS``, ``"AdamW"`` (torch's) or ``"MuonWithAdamW"``."""
     key, fixed = _TABLE[cfg.optimizer]
     kw: Dict = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    betas_default = {"mgup_lion": (0.9, 0.99), "mgup_muon": (0.9, 0.95)}.get(cfg.optimizer, (0.9, 0.999))
+    betas_default = (0.9, 0.99) if cfg.optimizer in _LION else (0.9, 0.95) if cfg.optimizer in _MUON else (0.9, 0.999)
     b1 = cfg.beta1 if cfg.beta1 is not None else betas_default[0]
     b2 = cfg.beta2 if cfg.beta2 is not None else betas_default[1]
     kw["betas"] = (b1, b2)
-    if cfg.optimizer != "mgup_lion":
+    if cfg.optimizer not in _LION:
         kw["eps"] = cfg.eps
     if key is None:
         for f in _MGUP_FLAGS:
@@ -53,13 +67,15 @@ def optimizer_spec(cfg) -> Tuple[str, Dict]:
             if getattr(cfg, f) is not None:
                 if f in fixed:
                     raise ValueError(f"{f}: {cfg.optimizer!r} fixes {f}={fixed[f]}")
+                if f == "tau" and "alpha" in fixed:   # tau = (alpha, gamma) in one flag
+                    raise ValueError(f"tau: {cfg.optimizer!r} fixes alpha={fixed['alpha']}, gamma={fixed['gamma']}")
                 kw[f] = getattr(cfg, f)
-    if cfg.optimizer == "mgup_muon":
+    if cfg.optimizer in _MUON:
         kw["lr"] = cfg.muon_lr if cfg.muon_lr is not None else 2e-2
         kw["adamw_lr"] = cfg.lr  # recorded in the group of the AdamW fallback (see param_groups)
     if cfg.opt_kwargs:
         kw.update(cfg.opt_kwargs)
-    return (key or "AdamW"), kw
+    return (key or _PLAIN[cfg.optimizer]), kw
 
 
 def _is_muon_matrix(name: str, p: torch.Tensor) -> bool:
@@ -73,7 +89,7 @@ def param_groups(model: torch.nn.Module, cfg, kw: Dict) -> List[Dict]:
     For Muon, a group per (use_muon, decay) pair with the AdamW fallback at ``cfg.lr``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     wd = kw.get("weight_decay", 0.0)
-    if cfg.optimizer == "mgup_muon":
+    if cfg.optimizer in _MUON:
         groups = []
         for use_muon in (True, False):
             for decay in (True, False):
@@ -90,9 +106,55 @@ def param_groups(model: torch.nn.Module, cfg, kw: Dict) -> List[Dict]:
             if g["params"]]
 
 
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Plain Muon with its AdamW fallback, one optimizer (one state dict, one LR schedule):
+    groups with ``use_muon=True`` (2-D hidden matrices) step by ``torch.optim.Muon``,
+    the others by ``torch.optim.AdamW``.  Muon: ``buf = lerp(buf, g, 1-mu)``,
+    ``x = lerp(g, buf, mu)`` (Nesterov), ``p *= 1 - lr*wd``,
+    ``p -= lr * 0.2*sqrt(max(A, B)) * NS5(x)``; since NS5 normalises its input first, the
+    direction equals ``MGUPMuon``'s ``buf = mu*buf + g``, ``x = g + mu*buf`` with phi = 1.
+    State keeps torch's names (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``, ``step``).
+    """
+
+    def __init__(self, params, lr: float = 2e-2, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 adjust_lr_fn: str = "match_rms_adamw"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                        nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, use_muon=False)
+        super().__init__(params, defaults)
+        # The two torch optimizers share this one's group dicts and state (re-bound at each
+        # step: load_state_dict replaces both); they only fill in their own defaults.
+        self._muon = torch.optim.Muon(self._groups(True), lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn) \
+            if self._groups(True) else None
+        self._adamw = torch.optim.AdamW(self._groups(False), lr=lr, betas=betas, eps=eps,
+                                        weight_decay=weight_decay, foreach=True) if self._groups(False) else None
+
+    def _groups(self, use_muon: bool):
+        return [g for g in self.param_groups if bool(g["use_muon"]) == use_muon]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for inner, use_muon in ((self._muon, True), (self._adamw, False)):
+            if inner is not None:
+                inner.param_groups = self._groups(use_muon)
+                for g in inner.param_groups:   # loaded groups: the inner optimizer's defaults again
+                    for k, v in inner.defaults.items():
+                        g.setdefault(k, v)
+                inner.state = self.state
+                inner.step()
+        return loss
+
+
 def optimizer_class(class_name: str):
     if class_name == "AdamW":
         return torch.optim.AdamW
+    if class_name == "MuonWithAdamW":
+        return MuonWithAdamW
     try:
         from mgup_dist import OPTIMIZERS
     except ImportError as e:  # pragma: no cover - the core is part of the package

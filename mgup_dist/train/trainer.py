@@ -564,7 +564,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
               f"{data.description}" + (f"; resumed at step {start_step}" if start_step else ""), flush=True)
         # A checkpoint holds fp32 weights plus the optimizer state: 2 moments (AdamW family) or 1
         # (Lion; Muon's matrices) -> about 4 * (1 + moments) bytes a parameter (130M: ~1.6 GB).
-        moments = 1 if cfg.optimizer in ("mgup_lion", "mgup_muon") else 2
+        moments = 1 if cfg.optimizer in ("lion", "mgup_lion", "muon", "mgup_muon") else 2
         size_gb = n_params * 4 * (1 + moments) / 1e9
         print(f"[mgup-dist train] checkpoints: about {size_gb:.3g} GB each in {ckpt_root}, every "
               f"{cfg.save_every or cfg.steps} steps, newest {cfg.keep_checkpoints} kept "
