@@ -259,10 +259,10 @@ def test_tables_cached_per_chunk():
     b = _bufs("adamw", [70, 33])
     chunk = build_plan([whole_layout(p, i) for i, p in enumerate(b.params)], "tensor", 0.5).chunks[0]
     rule = RULES["adamw"]
-    t1, _ = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
-    assert TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)[0] is t1
+    t1 = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
+    assert TRI._piece_table(rule, chunk, b, torch.device("cpu"), True) is t1
     b.grads[1] = b.grads[1].clone()
-    t2, _ = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
+    t2 = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
     assert t2 is not t1 and int(t2[1, 1]) == b.grads[1].data_ptr()
 
 
