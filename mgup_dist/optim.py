@@ -469,7 +469,7 @@ class _MGUPOptimizer(Optimizer):
         if len(state) == 0:
             if rule.step:
                 dev = _local(p).device if group["capturable"] else torch.device("cpu")
-                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=dev)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=dev)  # a fill: no host copy
             for name in rule.state:
                 state[name] = self._zeros_state(p)
         return state
