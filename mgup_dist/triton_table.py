@@ -75,7 +75,7 @@ def _kernels():
         "tie count": (T._tie_count_kernel, _TIE_SIG, loop, 4, 0.0, 1),
         "resolve": (T._resolve_kernel, _RES_SIG, loop, 4, 0.0, 1),
         "apply (AdamW)": (T._apply_kernel, _APPLY_SIG, apply, 20, 1.0, 1),
-        "apply (Lion)": (T._apply_kernel, _APPLY_SIG, dict(apply, LION=True), 20, 0.0, 0),
+        "apply (Lion)": (T._apply_kernel, _APPLY_SIG, dict(apply, LION=True), 24, 0.0, 0),
         "cautious (AdamW)": (T._apply_kernel, _APPLY_SIG, dict(apply, CAUTIOUS=True), 28, 0.0, 0),
     }
 

@@ -373,24 +373,27 @@ def _keys(n, seed, ties=True):
 
 @pytest.mark.parametrize("scope", ["tensor", "shard", "global"])
 def test_select_on_the_same_keys_is_the_generic_radix_select(scope):
-    """Thresholds and resolved keys bit for bit, with ties at the K-th key, +-0, NaN,
-    several pieces per unit (two buffers hold pieces of the same tensors) and padding."""
+    """Thresholds and resolved keys bit for bit, with ties at the K-th key, +-0, NaN, K = 0,
+    K = N, mostly-zero keys, several pieces per unit at odd offsets (two buffers hold pieces
+    of the same tensors) and padding."""
     split = (("a", 300),)  # tensor a in two pieces: a split chunk (on one rank: no communication)
     lay0 = Layout(segments=(Segment("a", 2, 150, 0, 300, (300,)), Segment("b", 160, 90, 0, 90, (90,))), numel=260,
                   collective=split)
     lay1 = Layout(segments=(Segment("a", 0, 150, 150, 300, (300,)), Segment("c", 150, 7, 0, 7, (7,))), numel=157,
                   collective=split)
-    for ratio in (0.3, 0.71):
-        cut = False
+    cut = False
+    for ratio, zeros in ((0.3, False), (0.71, False), (0.0, False), (1.0, False), (0.5, True), (0.97, True)):
         for chunk in build_plan([lay0, lay1], scope, ratio).chunks:
             keys = _keys(chunk.numel, seed=int(ratio * 100))
+            if zeros:  # most keys exactly 0 (counted in registers by the passes): the K-th among them
+                keys[chunk.numel // 5:] = 0
             a, b = keys.clone(), keys.clone()
             t_ref = selection.threshold(REF, chunk, a)
             t_tri = TRI.select(chunk, b, None, selection.chunk_reduce(chunk))
             assert torch.equal(t_tri, t_ref.to(torch.int32))
             assert torch.equal(a, b), "resolved keys differ"
             cut |= any(int((a == t).sum()) < int((keys == t).sum()) for t in t_ref)
-        assert cut, "no tie was cut"
+    assert cut, "no tie was cut"
 
 
 def test_half_rounding_keeps_nan_and_inf():

@@ -4,31 +4,40 @@
 A step of a top-K chunk (on CUDA a chunk holds the whole param group, ``plan.chunk_cap``):
 
     zeros       one int64 work buffer: 3 per-unit histograms (2048 bins), per-unit state, tie counts
-    score       moments, u, s = u*g -> order key; its 2048-bin histogram of the top 11 key bits,
-                accumulated per program in shared memory and added to the unit's int64 row
+    score       moments, u, s = u*g -> order key; the 2048-bin histogram of the top 11 key bits
+                (see "histograms" below) added to the unit's int64 row
     digit  x3   one program per unit: the digit where the count from the top reaches the K still
-                needed (``selection.choose_digit``), the prefix, K left; after the last pass the
+                needed (``radix.choose_digit``), the prefix, K left; after the last pass the
                 K-th key ``t`` and whether the ties at ``t`` need an index-order cut
-    pass   x2   11 then 10 more bits: masked histogram of the keys matching the unit's prefix
+    pass   x2   11 then 10 more bits: histogram of the keys matching the unit's prefix
     ties        per program, the keys equal to ``t`` (programs of units without a cut return at once),
                 an index-order scan of the counts (a few tiny torch ops; ``all_reduce`` per slot
                 when the unit spans ranks), and the losing ties lowered to ``t - 1`` (the contract
                 of ``kernels.base``: afterwards ``key >= t`` is exactly "selected")
     apply       phi = alpha if key >= t else gamma, u recomputed from the state, the step
 
-That is 9 kernel launches and 15 tiny torch ops a step (34 in all with ``capturable=True``),
-whatever the number of tensors (``python -m mgup_dist.opcount``); the all-reduces of a chunk
-split over ranks are one per radix pass plus one for the ties, as the generic path
-(``selection.threshold``).  Cautious mode is one
-launch of the fused apply kernel.
+That is 9 kernel launches and 15 tiny torch ops a step, whatever the number of tensors
+(``python -m mgup_dist.opcount``; with ``capturable=True`` the optimizer's device step counters
+and bias corrections add 4 ops, which the kernels read in place); a group mixing parameter
+dtypes (bf16 weights, fp32 norms) launches score and apply once per dtype class.  The
+all-reduces of a chunk split over ranks are one per radix pass plus one for the ties, as the
+generic path (``selection.threshold``).  Cautious mode is one launch of the fused apply kernel.
+
+Histograms: each program counts digits into its own private int32 row of 2048 bins in global
+memory (8 KiB, L2-resident) with one relaxed atomic add per element, then adds the row's
+non-zero bins to the unit's int64 row once and clears it; exact-zero keys (the scores of zero
+gradients, e.g. embedding rows of tokens not in the batch: the commonest tie) are counted in
+registers instead of serialising on one bin.  No ``tl.histogram``: its lowering differs between
+Triton versions (warp ballots + popcounts in 3.6, shared-memory atomics in 3.9), and the
+kernels compile to the same lean code on both (``python -m mgup_dist.triton_table``).
 
 Memory traffic per element by design (fp32 params, grads and states; AdamW; fused AdamW: 28 B):
 
     score        read g, m, v; write m, v, key                                 24 B
     pass 1, 2    read key                                                       8 B
-    ties         read key (units whose ties need a cut only; else nothing)     0-4 B
+    ties         read key twice (count, then cut), units whose ties need a cut only 0-8 B
     apply        read key, m, v, p; write p  (Lion: + g, write m; no v)        20 B
-    total                                                                      52 B (+4 on a tie cut)
+    total                                                                      52 B (+8 on a tie cut)
     cautious     read g, m, v, p; write m, v, p (one pass, no scratch)         28 B
 
 Math is fp32 (bf16/fp16 params, grads, states are loaded and upcast) with IEEE division and
@@ -36,9 +45,12 @@ square root (``div_rn``, ``sqrt_rn``), in the operation order of ``mgup_dist.rul
 contractions that torch's CUDA kernels make (``add_(x, alpha=a)`` -> ``fma(a, x, self)``,
 ``addcmul_(x, x, value=c)`` -> ``fma(c, x*x, self)``) and no other (``enable_fp_fusion=False``).
 Half-precision values are rounded to nearest even by hand (NaN stays NaN): the interpreter
-truncates a float cast.  Pieces whose addresses (and scratch offsets) are all 16-byte aligned
-get the vectorised variant: unmasked main loops over ``BLOCK`` elements with alignment hints
-(``ld.global.v4``); others the same kernels with scalar loads.
+truncates a float cast.  Every program takes, per piece, the vectorised loop (unmasked main
+loop over ``BLOCK`` elements with alignment hints: ``ld.global.v4``) when the piece's addresses
+and scratch offset are 16-byte aligned, else the same loop with scalar loads, so one odd piece
+does not make the others scalar.  No step reads the device from the host or copies pageable
+memory to it: tables are made on the host and copied pinned and non-blocking (cached per plan),
+python-float hyperparameters are kernel arguments.
 """
 from __future__ import annotations
 
