@@ -599,21 +599,20 @@ class TritonCUDA(TorchOps):
     def _classes_of(rule, chunk, bufs):
         """Per piece its dtype class (param, grad, state types), or None when a piece has a
         type the kernels do not take (float64, complex) or states of two types."""
-        out = []
-        for pc in chunk.pieces:
-            sts = {bufs.states[s][pc.buf].dtype for s in rule.state}
-            p, g = bufs.params[pc.buf].dtype, bufs.grads[pc.buf].dtype
-            if len(sts) != 1 or not all(x in _TL for x in (p, g, *sts)):
+        sts = [bufs.states[s] for s in rule.state]
+        out = [(bufs.params[b].dtype, bufs.grads[b].dtype) + tuple(x[b].dtype for x in sts)
+               for b in (pc.buf for pc in chunk.pieces)]
+        for c in set(out):
+            if len(set(c[2:])) != 1 or not all(x in _TL for x in c):
                 return None
-            out.append((p, g, next(iter(sts))))
-        return out
+        return [c[:3] for c in out]
 
-    def _ours(self, rule, chunk, bufs) -> bool:
-        """Rules and dtypes the kernels handle: AdamW / Lion with fp32, bf16 or fp16 params,
-        grads and states (pieces of different types: one launch per type class)."""
+    def _ours(self, rule, chunk, bufs):
+        """The pieces' dtype classes when the kernels handle this step, else None: AdamW / Lion
+        with fp32, bf16 or fp16 params, grads and states (one launch per class)."""
         if rule.name not in ("adamw", "lion") or not chunk.pieces:
-            return False
-        return self._classes_of(rule, chunk, bufs) is not None
+            return None
+        return self._classes_of(rule, chunk, bufs)
 
     def _static(self, chunk, device):
         """Per chunk, once: block table [n_blocks, 2] (piece, start), per-unit K (and 0 for
@@ -650,11 +649,10 @@ class TritonCUDA(TorchOps):
             chunk.cache[key] = hit
         return hit
 
-    def _launches(self, rule, chunk, bufs, device):
+    def _launches(self, cls, chunk, device):
         """[(param, grad, state Triton types, block table, n_blocks)]: one launch per dtype
-        class of the chunk's pieces (one for the usual single-type group)."""
+        class ``cls`` (``_ours``) of the chunk's pieces (one for the usual single-type group)."""
         stat = self._static(chunk, device)
-        cls = self._classes_of(rule, chunk, bufs)
         key = ("triton_cls", device, self.span, tuple(cls))
         hit = chunk.cache.get(key)
         if hit is None:
@@ -677,6 +675,10 @@ class TritonCUDA(TorchOps):
         addresses: a moved buffer (``zero_grad(set_to_none=True)``) costs one pinned,
         non-blocking host-to-device copy, never a device synchronisation."""
         U = chunk.n_units
+        key = ("triton_tab", device, ptrs)
+        hit = chunk.cache.get(key)
+        if not ptrs and hit is not None:
+            return hit[1]
         rows, addr = [], []
         for pc in chunk.pieces:
             a = [0, 0, 0, 0]
@@ -687,8 +689,6 @@ class TritonCUDA(TorchOps):
             addr += a
             flags = int(all(x % 16 == 0 for x in a)) | (2 if pc.offset % 4 == 0 else 0)
             rows.append(a + [pc.length, pc.offset, pc.unit if pc.unit >= 0 else U, flags])
-        key = ("triton_tab", device, ptrs)
-        hit = chunk.cache.get(key)
         if hit is None or hit[0] != addr:
             tab = _h2d(torch.tensor(rows or [[0] * TAB_W], dtype=torch.int64), device)
             hit = (addr, tab)
@@ -776,7 +776,8 @@ class TritonCUDA(TorchOps):
 
     # -- phase 1 ----------------------------------------------------------------------------
     def score(self, rule, hp, chunk, bufs, scratch):
-        if not self._ours(rule, chunk, bufs) or scratch.dtype != torch.float32:
+        cls = self._ours(rule, chunk, bufs) if scratch.dtype == torch.float32 else None
+        if cls is None:
             return super().score(rule, hp, chunk, bufs, scratch)
         dev = scratch.device
         stat = self._static(chunk, dev)
@@ -784,7 +785,7 @@ class TritonCUDA(TorchOps):
         topk = hp.get("mode", "topk") == "topk"
         work = self._work(chunk, dev) if topk else None
         sc = self._scalars(rule, hp, chunk, bufs, dev)
-        for (_, G_T, S_T), blk, n in self._launches(rule, chunk, bufs, dev):
+        for (_, G_T, S_T), blk, n in self._launches(cls, chunk, dev):
             if n:
                 _score_kernel[(n,)](
                     tab, blk, scratch.view(torch.int32), stat["priv"], work if topk else tab, U=chunk.n_units,
@@ -839,7 +840,7 @@ class TritonCUDA(TorchOps):
         return st[2 * U1: 2 * U1 + U].to(torch.int32)
 
     # -- phase 3 ----------------------------------------------------------------------------
-    def _launch_apply(self, rule, hp, chunk, bufs, keys, t_key, denom, t_const, cautious):
+    def _launch_apply(self, cls, rule, hp, chunk, bufs, keys, t_key, denom, t_const, cautious):
         dev = bufs.params[chunk.pieces[0].buf].device
         stat = self._static(chunk, dev)
         if not stat["n"]:
@@ -851,7 +852,7 @@ class TritonCUDA(TorchOps):
         # per unit, and for the padding slot U: t = the int32 maximum (never selected), denom = 1
         t_tab = torch.cat([t_key.to(torch.int32), stat["max1"]]) if t_key is not None else tab
         d_tab = torch.cat([denom.to(torch.float32), stat["one1"]]) if denom is not None else tab
-        for (P_T, G_T, S_T), blk, n in self._launches(rule, chunk, bufs, dev):
+        for (P_T, G_T, S_T), blk, n in self._launches(cls, chunk, dev):
             if not n:
                 continue
             _apply_kernel[(n,)](
@@ -865,12 +866,14 @@ class TritonCUDA(TorchOps):
                 **self._consts(rule, hp))
 
     def apply(self, rule, hp, chunk, bufs, scratch, t_key, denom):
-        if not self._ours(rule, chunk, bufs) or scratch.dtype != torch.float32:
+        cls = self._ours(rule, chunk, bufs) if scratch.dtype == torch.float32 else None
+        if cls is None:
             return super().apply(rule, hp, chunk, bufs, scratch, t_key, denom)
-        self._launch_apply(rule, hp, chunk, bufs, scratch.view(torch.int32), t_key, denom, 0, False)
+        self._launch_apply(cls, rule, hp, chunk, bufs, scratch.view(torch.int32), t_key, denom, 0, False)
 
     def cautious(self, rule, hp, chunk, bufs, t_const: int) -> bool:
-        if not self._ours(rule, chunk, bufs):
+        cls = self._ours(rule, chunk, bufs)
+        if cls is None:
             return False
-        self._launch_apply(rule, hp, chunk, bufs, None, None, None, t_const, True)
+        self._launch_apply(cls, rule, hp, chunk, bufs, None, None, None, t_const, True)
         return True
