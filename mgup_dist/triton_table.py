@@ -52,7 +52,8 @@ _DIGIT_SIG = {"hist_ptr": P64, "st_ptr": P64, "k_ptr": P64, "U1": "i32"}
 
 def _kernels():
     """name -> (kernel, signature, constexprs, bytes per element, share of the elements it
-    streams on LLaMA-130M, launches a step).  fp32 AdamW/Lion as a step runs them."""
+    streams on LLaMA-130M, launches a step).  fp32 AdamW/Lion as a step runs them (the step
+    estimate counts those), and bf16 params, grads and states."""
     import triton.language as tl
 
     from .kernels import triton_cuda as T
@@ -65,6 +66,8 @@ def _kernels():
     return {
         "score (AdamW)": (T._score_kernel, _SCORE_SIG, score, 24, 1.0, 1),
         "score (Lion)": (T._score_kernel, _SCORE_SIG, dict(score, LION=True), 12, 0.0, 0),
+        "score (AdamW, bf16)": (T._score_kernel, _SCORE_SIG, dict(score, G_T=tl.bfloat16, S_T=tl.bfloat16),
+                                14, 0.0, 0),
         "pass 2 (11 bits)": (T._pass_kernel, _PASS_SIG,
                              dict(FIRST=False, SHIFT=10, WIDTH=11, NBINS=T.NB, **loop), 4, 1.0, 1),
         "pass 3 (10 bits)": (T._pass_kernel, _PASS_SIG,
@@ -76,12 +79,15 @@ def _kernels():
         "resolve": (T._resolve_kernel, _RES_SIG, loop, 4, 0.0, 1),
         "apply (AdamW)": (T._apply_kernel, _APPLY_SIG, apply, 20, 1.0, 1),
         "apply (Lion)": (T._apply_kernel, _APPLY_SIG, dict(apply, LION=True), 24, 0.0, 0),
+        "apply (AdamW, bf16)": (T._apply_kernel, _APPLY_SIG,
+                                dict(apply, P_T=tl.bfloat16, G_T=tl.bfloat16, S_T=tl.bfloat16), 12, 0.0, 0),
         "cautious (AdamW)": (T._apply_kernel, _APPLY_SIG, dict(apply, CAUTIOUS=True), 28, 0.0, 0),
     }
 
 
-KERNELS = ("score (AdamW)", "score (Lion)", "pass 1 (no score)", "pass 2 (11 bits)", "pass 3 (10 bits)", "digit",
-           "tie count", "resolve", "apply (AdamW)", "apply (Lion)", "cautious (AdamW)")
+KERNELS = ("score (AdamW)", "score (Lion)", "score (AdamW, bf16)", "pass 1 (no score)", "pass 2 (11 bits)",
+           "pass 3 (10 bits)", "digit",
+           "tie count", "resolve", "apply (AdamW)", "apply (Lion)", "apply (AdamW, bf16)", "cautious (AdamW)")
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
@@ -111,7 +117,7 @@ def sass_loops(sass: str) -> List[Dict]:
             body = [t for a, t in instrs if labels[m.group(1)] <= a <= addr]
             ops = [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body]
             loops.append(dict(n=len(body), ops=ops, global_load=any(o.startswith("LDG") for o in ops),
-                              vector=any(o.startswith("LDG") and ".128" in o for o in ops)))
+                              vector=any(o.startswith("LDG") and (".128" in o or ".64" in o) for o in ops)))
     return loops
 
 
@@ -222,13 +228,16 @@ def main(argv=None) -> List[List[Dict]]:
         e100, e200 = estimate(run, "H100"), estimate(run, "H200")
         for s in run:
             vp = sum(lp["vote_popc"] for lp in s["loops"])
-            print(f"{s['kernel']:20} {s['triton']:7} {s['regs']:4d} {s['shared']:7d} {'yes' if s['spills'] else 'no':>5} "
-                  f"{s['instr_per_elem']:9.1f} {vp:9d} {s['bytes']:6d} {e100[s['kernel']]:8.0f} {e200[s['kernel']]:8.0f}")
+            spill = "yes" if s["spills"] else "no"
+            print(f"{s['kernel']:20} {s['triton']:7} {s['regs']:4d} {s['shared']:7d} {spill:>5} "
+                  f"{s['instr_per_elem']:9.1f} {vp:9d} {s['bytes']:6d} {e100[s['kernel']]:8.0f} "
+                  f"{e200[s['kernel']]:8.0f}")
     print()
     print(f"{'LLaMA-130M step (est.)':28} {'triton':7} {'H100 us':>8} {'x fused':>8} {'H200 us':>8} {'x fused':>8}")
     for run in runs:
         e100, e200 = estimate(run, "H100"), estimate(run, "H200")
-        for label, key in (("MGUPAdamW", "step_mgup"), ("CMGUPAdamW", "step_cmgup"), ("AdamW(fused=True)", "fused_adamw")):
+        rows = (("MGUPAdamW", "step_mgup"), ("CMGUPAdamW", "step_cmgup"), ("AdamW(fused=True)", "fused_adamw"))
+        for label, key in rows:
             print(f"{label:28} {run[0]['triton']:7} {e100[key]:8.0f} {e100[key] / e100['fused_adamw']:8.2f} "
                   f"{e200[key]:8.0f} {e200[key] / e200['fused_adamw']:8.2f}")
     return runs

@@ -23,7 +23,8 @@ if not interpreted():
 OLD = "3.6.0"
 OLD_DIR = os.path.join(os.path.expanduser("~"), ".cache", "mgup_dist_triton", OLD)
 #: one variant of each kernel function, as a step launches them
-NAMES = ("score (AdamW)", "pass 2 (11 bits)", "digit", "tie count", "resolve", "apply (AdamW)", "cautious (AdamW)")
+NAMES = ("score (AdamW)", "score (AdamW, bf16)", "pass 2 (11 bits)", "digit", "tie count", "resolve", "apply (AdamW)",
+         "apply (AdamW, bf16)", "cautious (AdamW)")
 
 
 def _check(stats):
