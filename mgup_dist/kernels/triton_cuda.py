@@ -730,8 +730,8 @@ class TritonCUDA(TorchOps):
         bc2 = [bufs.bc2[pc.buf] for pc in chunk.pieces]
         P = len(bc1)
         lr = hp["lr"]
-        if isinstance(lr, Tensor) and lr.device.type == "cpu":
-            lr = float(lr)  # a host value: no device read
+        if isinstance(lr, Tensor) and lr.device.type == "cpu" and device.type != "cpu":
+            lr = float(lr)  # a host value: no device read (a tensor on the kernels' device is read by them)
         lr_dev = isinstance(lr, Tensor)
         authors = hp.get("convention", "torch") == "authors" and hp.get("correct_bias", True) \
             and "exp_avg_sq" in hp.get("state", ())
