@@ -48,10 +48,14 @@ def installed():
 
 def _old_triton():
     if not os.path.isdir(os.path.join(OLD_DIR, "triton")):
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", OLD_DIR,
-                            f"triton=={OLD}"], capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            pytest.skip(f"Triton {OLD} not in {OLD_DIR} and pip could not fetch it: {r.stderr.strip()[-200:]}")
+        try:
+            r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", OLD_DIR,
+                                f"triton=={OLD}"], capture_output=True, text=True, timeout=300)
+            why = r.stderr.strip()[-200:] if r.returncode else ""
+        except (OSError, subprocess.TimeoutExpired) as e:
+            why = str(e)[:200]
+        if why:
+            pytest.skip(f"Triton {OLD} not in {OLD_DIR} and pip could not fetch it: {why}")
     return OLD_DIR
 
 
