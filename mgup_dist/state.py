@@ -34,7 +34,7 @@ def init_state(state: Dict[str, Any], p: torch.Tensor, rule: R.Rule, capturable:
     if len(state) == 0:
         if rule.step:
             dev = local_of(p).device if capturable else torch.device("cpu")
-            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=dev)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=dev)  # a fill: no host copy
         dtype = state_dtype(local_of(p), fp32_state)
         for name in rule.state:
             state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)

@@ -146,6 +146,49 @@ def test_step_does_not_synchronise(rule):
     assert all(torch.isfinite(p).all() for p in params)
 
 
+SYNC_CONFIGS = {
+    "capturable-float-lr": dict(capturable=True),
+    "capturable-tensor-lr": dict(capturable=True, lr="tensor"),
+    "normalize-global": dict(normalize=True, scope="global"),
+    "cautious-capturable": dict(mode="cautious", capturable=True),
+    "authors": dict(convention="authors"),
+}
+
+
+@pytest.mark.parametrize("uneven", [False, True], ids=["even", "uneven-steps"])
+@pytest.mark.parametrize("config", sorted(SYNC_CONFIGS))
+@pytest.mark.parametrize("rule", ["adamw", "lion"])
+def test_no_synchronising_copy_in_any_configuration(rule, config, uneven):
+    """Every factory call and host-to-device copy of a step (tests/_sync_spy.py) is pinned and
+    non-blocking or absent, and CUDA's sync debug mode sees no synchronisation; a group mixing
+    bf16 weights with fp32 norms, a param without a grad at first (uneven step counts)."""
+    from _sync_spy import sync_spy
+
+    kw = dict(SYNC_CONFIGS[config])
+    if kw.get("lr") == "tensor":
+        kw["lr"] = torch.tensor(HP[rule]["lr"], device=DEV)
+    if rule == "lion" and kw.get("convention"):
+        pytest.skip("the authors' convention is AdamW's")
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=gen).to(DEV, torch.bfloat16 if i % 2 else torch.float32)
+              for i, s in enumerate(SHAPES)]
+    opt = _opt(rule, params, **kw)
+    for step in range(3):
+        for i, p in enumerate(params):
+            p.grad = None if (uneven and step == 0 and i == 3) else torch.randn_like(p)
+        torch.cuda.synchronize()
+        if step:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with sync_spy() as (bad, _):
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        if step:
+            assert not bad, bad
+    assert all(torch.isfinite(p.float()).all() for p in params)
+
+
 @pytest.mark.parametrize("rule", ["adamw", "lion"])
 def test_cuda_graph_replay_equals_eager(rule):
     def make():

@@ -185,6 +185,181 @@ def test_lr_and_bias_corrections_as_device_values():
         torch.testing.assert_close(y, x, rtol=2e-7, atol=0)
 
 
+def _device_bc(bufs, steps):
+    """bc1, bc2 as the optimizer makes them with device step counters: 0-d views of one
+    [2, n] tensor (1 - [[b1], [b2]] ** steps)."""
+    bc = 1 - torch.pow(torch.tensor([[0.9], [0.999]]), torch.tensor(steps, dtype=torch.float32))
+    bufs.bc1, bufs.bc2 = list(bc[0].unbind(0)), list(bc[1].unbind(0))
+    return bufs
+
+
+@pytest.mark.parametrize("convention", ["torch", "authors"])
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_capturable_bias_corrections_read_in_place(convention, lr_kind):
+    """Device step counters (capturable): the kernels read the optimizer's bias corrections
+    where they are (no table op) and compute the step size from lr, a float or a tensor."""
+    hp = _hp("adamw", convention=convention, state=RULES["adamw"].state)
+    ref = _device_bc(_bufs("adamw", [50, 20, 7]), [3, 3, 5])
+    tri = _clone(ref)
+    tri.bc1, tri.bc2 = list(ref.bc1), list(ref.bc2)
+    lays = [whole_layout(p, i) for i, p in enumerate(ref.params)]
+    chunk = build_plan(lays, "tensor", 0.3).chunks[0]
+    assert TRI._scalars(RULES["adamw"], hp, chunk, tri, torch.device("cpu"))["BC_MODE"] == 2
+    lr = torch.tensor(hp["lr"]) if lr_kind == "tensor" else hp["lr"]
+    _step(REF, "adamw", ref, lays, "tensor", 0.3, dict(hp, lr=lr))
+    _step(TRI, "adamw", tri, lays, "tensor", 0.3, dict(hp, lr=lr))
+    for x, y in zip(ref.params, tri.params):
+        torch.testing.assert_close(y, x, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+
+
+@pytest.mark.parametrize("rule", ["adamw", "lion"])
+def test_uneven_step_counts_take_a_host_table(rule):
+    """Params of one group at different steps (one had no grad once): per-piece bias
+    corrections and step sizes from one host-made table."""
+    ref = _bufs(rule, [60, 33, 9])
+    ref.bc1, ref.bc2 = [1 - 0.9 ** t for t in (3, 2, 7)], [1 - 0.999 ** t for t in (3, 2, 7)]
+    lays = [whole_layout(p, i) for i, p in enumerate(ref.params)]
+    chunk = build_plan(lays, "tensor", 0.3).chunks[0]
+    hp = _hp(rule, convention="authors", state=RULES[rule].state)
+    assert TRI._scalars(RULES[rule], hp, chunk, ref, torch.device("cpu"))["BC_MODE"] == 1
+    tri = _clone(ref)
+    _step(REF, rule, ref, lays, "tensor", 0.3, hp)
+    _step(TRI, rule, tri, lays, "tensor", 0.3, hp)
+    _close(rule, ref.params, tri.params, "params")
+
+
+@pytest.mark.parametrize("rule", ["adamw", "lion"])
+def test_mixed_dtype_group_stays_on_triton(rule):
+    """bf16 / fp16 weights beside fp32 norms and biases, fp32 states: one launch per dtype
+    class, the same step as the torch-ops backend."""
+    ref = _bufs(rule, [77, 129, 40, 5])
+    for i, dt in enumerate((torch.bfloat16, torch.float32, torch.float16, torch.float32)):
+        ref.params[i] = ref.params[i].to(dt)
+        ref.grads[i] = ref.grads[i].to(dt)
+    lays = [whole_layout(p, i) for i, p in enumerate(ref.params)]
+    chunk = build_plan(lays, "tensor", 0.3).chunks[0]
+    cls = TRI._ours(RULES[rule], chunk, ref)
+    assert cls is not None and len(TRI._launches(cls, chunk, torch.device("cpu"))) == 3
+    tri = _clone(ref)
+    for mode in ("topk", "cautious"):
+        _step(REF, rule, ref, lays, "tensor", 0.3, _hp(rule, mode=mode))
+        _step(TRI, rule, tri, lays, "tensor", 0.3, _hp(rule, mode=mode))
+        _close(rule, ref.params, tri.params, "params " + mode)
+
+
+def test_vector_loads_chosen_per_piece():
+    """A piece at an odd address (a view one element in) takes the scalar loop; the others
+    keep the vectorised one, in the same launch."""
+    b = _bufs("adamw", [1 + 64, 64, 64])
+    b.params[0], b.grads[0] = b.params[0][1:], b.grads[0][1:]
+    for s in b.states:
+        b.states[s][0] = b.states[s][0][1:]
+    lays = [whole_layout(p, i) for i, p in enumerate(b.params)]
+    chunk = build_plan(lays, "tensor", 0.5).chunks[0]
+    tab = TRI._piece_table(RULES["adamw"], chunk, b, torch.device("cpu"), True)
+    assert [int(f) & 1 for f in tab[:, 7]] == [0, 1, 1], tab[:, 7]
+    _compare_bufs = _clone(b)
+    _step(REF, "adamw", b, lays, "tensor", 0.5, _hp("adamw"))
+    _step(TRI, "adamw", _compare_bufs, lays, "tensor", 0.5, _hp("adamw"))
+    _close("adamw", b.params, _compare_bufs.params, "params")
+
+
+def _split_layouts():
+    """Tensor a in two pieces in two buffers (a split chunk: one rank here, no communication)."""
+    split = (("a", 300),)
+    return [Layout(segments=(Segment("a", 2, 150, 0, 300, (300,)), Segment("b", 160, 90, 0, 90, (90,))), numel=260,
+                   collective=split),
+            Layout(segments=(Segment("a", 0, 150, 150, 300, (300,)), Segment("c", 150, 7, 0, 7, (7,))), numel=157,
+                   collective=split)]
+
+
+SYNC_CASES = {
+    "topk": dict(),
+    "capturable-float-lr": dict(capturable=True),
+    "capturable-authors": dict(capturable=True, convention="authors"),
+    "uneven-steps": dict(uneven=True),
+    "cpu-tensor-lr": dict(lr_tensor=True),
+    "split": dict(split=True),
+    "normalize": dict(normalize=True),
+    "global": dict(scope="global"),
+    "cautious": dict(mode="cautious"),
+    "cautious-normalize-capturable": dict(mode="cautious", normalize=True, capturable=True),
+    "lion": dict(rule="lion"),
+    "lion-uneven-split": dict(rule="lion", uneven=True, split=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SYNC_CASES))
+def test_steps_make_no_synchronising_copy(case):
+    """Steady-state steps (tables cached by the first) of the Triton backend: no factory call
+    with a device, no blocking or pageable host-to-device copy, no host read of a device
+    value, in every configuration.  The step's device is the CPU here, so any explicit device
+    in a factory counts (on CUDA it would be a pageable copy)."""
+    from _sync_spy import sync_spy
+
+    cfg = dict(rule="adamw", scope="tensor", mode="topk", normalize=False, convention="torch")
+    cfg.update(SYNC_CASES[case])
+    rule = cfg["rule"]
+    lays = _split_layouts() if cfg.get("split") else None
+    b = _bufs(rule, [lay.numel for lay in lays] if lays else [60, 33, 9])
+    lays = lays or [whole_layout(p, i) for i, p in enumerate(b.params)]
+    plan = build_plan(lays, cfg["scope"], 0.4)
+    hp = _hp(rule, mode=cfg["mode"], normalize=cfg["normalize"], convention=cfg["convention"],
+             state=RULES[rule].state)
+    seen = []
+    for step in range(3):
+        ts = [step + 3 - (i == 0 and cfg.get("uneven", False)) for i in range(len(b.params))]
+        if cfg.get("capturable"):
+            _device_bc(b, ts)
+        else:
+            b.bc1, b.bc2 = [1 - 0.9 ** t for t in ts], [1 - 0.999 ** t for t in ts]
+        if cfg.get("lr_tensor"):
+            hp["lr"] = torch.tensor(0.01)
+        st = GroupStep(RULES[rule], dict(hp), plan, b, [True] * len(lays), torch.device("cpu"), torch.float32,
+                       lambda n, d, dev: torch.empty(n, dtype=d))
+        with sync_spy() as (bad, calls):
+            run_group(TRI, st)
+        if step:
+            assert not bad, (case, step, bad)
+            seen += calls
+    if cfg.get("uneven"):
+        assert any(c.startswith("torch.tensor") for c in seen), "the spy saw no factory call"
+
+
+def test_the_sync_spy_sees_factories_and_copies():
+    from _sync_spy import sync_spy
+
+    with sync_spy() as (bad, calls):
+        torch.tensor(1.0, device="cpu")
+        torch.ones(2).to("cpu")
+        torch.ones(2).to("cpu", non_blocking=True)
+        torch.ones(2).to(torch.float64)
+    assert len(bad) == 2 and len(calls) == 3, (bad, calls)
+
+
+def test_optimizer_steps_make_no_synchronising_copy(monkeypatch):
+    """The same through the optimizers (their step counters, bias corrections and lr), with
+    the Triton backend on CPU tensors, capturable or not, a param without a grad at first."""
+    from _sync_spy import sync_spy
+
+    import mgup_dist.optim as optim_mod
+    from mgup_dist import CMGUPAdamW, MGUPAdamW, MGUPLion
+
+    monkeypatch.setattr(optim_mod, "get_backend", lambda *a, **k: TRI)
+    for cls in (MGUPAdamW, CMGUPAdamW, MGUPLion):
+        for capturable in (False, True):
+            gen = torch.Generator().manual_seed(1)
+            ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (70, 33, 5)]
+            opt = cls(ps, lr=1e-3, capturable=capturable)
+            for step in range(3):
+                for i, p in enumerate(ps):
+                    p.grad = None if (step == 0 and i == 1) else torch.randn(p.shape, generator=gen)
+                with sync_spy() as (bad, _):
+                    opt.step()
+                if step:
+                    assert not bad, (cls.__name__, capturable, step, bad)
+
+
 def _keys(n, seed, ties=True):
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(n, generator=gen)
@@ -198,24 +373,27 @@ def _keys(n, seed, ties=True):
 
 @pytest.mark.parametrize("scope", ["tensor", "shard", "global"])
 def test_select_on_the_same_keys_is_the_generic_radix_select(scope):
-    """Thresholds and resolved keys bit for bit, with ties at the K-th key, +-0, NaN,
-    several pieces per unit (two buffers hold pieces of the same tensors) and padding."""
+    """Thresholds and resolved keys bit for bit, with ties at the K-th key, +-0, NaN, K = 0,
+    K = N, mostly-zero keys, several pieces per unit at odd offsets (two buffers hold pieces
+    of the same tensors) and padding."""
     split = (("a", 300),)  # tensor a in two pieces: a split chunk (on one rank: no communication)
     lay0 = Layout(segments=(Segment("a", 2, 150, 0, 300, (300,)), Segment("b", 160, 90, 0, 90, (90,))), numel=260,
                   collective=split)
     lay1 = Layout(segments=(Segment("a", 0, 150, 150, 300, (300,)), Segment("c", 150, 7, 0, 7, (7,))), numel=157,
                   collective=split)
-    for ratio in (0.3, 0.71):
-        cut = False
+    cut = False
+    for ratio, zeros in ((0.3, False), (0.71, False), (0.0, False), (1.0, False), (0.5, True), (0.97, True)):
         for chunk in build_plan([lay0, lay1], scope, ratio).chunks:
             keys = _keys(chunk.numel, seed=int(ratio * 100))
+            if zeros:  # most keys exactly 0 (counted in registers by the passes): the K-th among them
+                keys[chunk.numel // 5:] = 0
             a, b = keys.clone(), keys.clone()
             t_ref = selection.threshold(REF, chunk, a)
             t_tri = TRI.select(chunk, b, None, selection.chunk_reduce(chunk))
             assert torch.equal(t_tri, t_ref.to(torch.int32))
             assert torch.equal(a, b), "resolved keys differ"
             cut |= any(int((a == t).sum()) < int((keys == t).sum()) for t in t_ref)
-        assert cut, "no tie was cut"
+    assert cut, "no tie was cut"
 
 
 def test_half_rounding_keeps_nan_and_inf():
@@ -259,10 +437,10 @@ def test_tables_cached_per_chunk():
     b = _bufs("adamw", [70, 33])
     chunk = build_plan([whole_layout(p, i) for i, p in enumerate(b.params)], "tensor", 0.5).chunks[0]
     rule = RULES["adamw"]
-    t1, _ = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
-    assert TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)[0] is t1
+    t1 = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
+    assert TRI._piece_table(rule, chunk, b, torch.device("cpu"), True) is t1
     b.grads[1] = b.grads[1].clone()
-    t2, _ = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
+    t2 = TRI._piece_table(rule, chunk, b, torch.device("cpu"), True)
     assert t2 is not t1 and int(t2[1, 1]) == b.grads[1].data_ptr()
 
 
