@@ -9,6 +9,7 @@ the cross-rank agreement in ``mgup_dist.agreement``.  No math lives here.
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -119,8 +120,11 @@ class _MGUPOptimizer(Optimizer):
     def _workspace(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if device.type != "cpu":
             return workspace(self._scratch, 0, n, dtype, device)
-        budget = sum(local_of(p).numel() for g in self.param_groups for p in g["params"])
-        return workspace(self._scratch, budget, n, dtype, device)
+        key = tuple(map(id, itertools.chain.from_iterable(g["params"] for g in self.param_groups)))
+        hit = self.__dict__.get("_budget")
+        if hit is None or hit[0] != key:
+            hit = self._budget = (key, sum(local_of(p).numel() for g in self.param_groups for p in g["params"]))
+        return workspace(self._scratch, hit[1], n, dtype, device)
 
     def release_scratch(self) -> None:
         """Free the CPU scratch kept between steps (it is re-made on the next step)."""

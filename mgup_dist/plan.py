@@ -90,7 +90,7 @@ class Chunk:
     def active(self, has_grad: Sequence[bool]) -> "Chunk":
         """The chunk restricted to buffers that have a gradient this step (same units, same
         slots: the collectives do not change shape)."""
-        key = ("active", tuple(has_grad[p.buf] for p in self.pieces))
+        key = ("active", tuple(has_grad))  # finer than the pieces' own buffers: the same chunk, cached per pattern
         hit = self.cache.get(key)
         if hit is None:
             pieces, off = [], 0

@@ -54,6 +54,8 @@ python-float hyperparameters are kernel arguments.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -571,6 +573,10 @@ def _apply_kernel(tab, blk, keys_ptr, t_ptr, denom_ptr, sc_ptr, bc_ptr, bco_ptr,
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def _dead():
+    return None  # a weak reference to nothing
+
+
 def _h2d(host: Tensor, device: torch.device) -> Tensor:
     """A host-made table on ``device`` without a device synchronisation: the host tensor itself
     on the CPU, else a pinned, non-blocking copy (the caching host allocator keeps the pinned
@@ -600,6 +606,13 @@ class TritonCUDA(TorchOps):
         """Per piece its dtype class (param, grad, state types), or None when a piece has a
         type the kernels do not take (float64, complex) or states of two types."""
         sts = [bufs.states[s] for s in rule.state]
+        lists = [bufs.params, bufs.grads] + sts
+        kinds = [{x.dtype for x in xs if x is not None} for xs in lists]
+        if all(len(k) == 1 for k in kinds):  # one dtype a list (the usual group): one class for every piece
+            c = tuple(next(iter(k)) for k in kinds)
+            if len(set(c[2:])) > 1 or not all(x in _TL for x in c):
+                return None
+            return [c[:3]] * len(chunk.pieces)
         out = [(bufs.params[b].dtype, bufs.grads[b].dtype) + tuple(x[b].dtype for x in sts)
                for b in (pc.buf for pc in chunk.pieces)]
         for c in set(out):
@@ -678,22 +691,31 @@ class TritonCUDA(TorchOps):
         key = ("triton_tab", device, ptrs)
         hit = chunk.cache.get(key)
         if not ptrs and hit is not None:
-            return hit[1]
+            return hit[2]
+        hit = hit if ptrs else None
+        if hit is not None and hit[3]() is bufs:
+            return hit[2]  # score and apply of one step: the same buffers
+        ts = [bufs.params, bufs.grads] + [bufs.states[s] for s in rule.state] if ptrs else []
+        # the buffers' addresses, one call a tensor: equal to the cached ones, the table is reused
+        bases = tuple(tuple(x.data_ptr() if x is not None else 0 for x in xs) for xs in ts)
+        if hit is not None and hit[0] == bases:
+            chunk.cache[key] = hit[:3] + (weakref.ref(bufs),)
+            return hit[2]
         rows, addr = [], []
         for pc in chunk.pieces:
             a = [0, 0, 0, 0]
-            if ptrs:
-                ts = [bufs.params[pc.buf], bufs.grads[pc.buf]] + [bufs.states[s][pc.buf] for s in rule.state]
-                for j, x in enumerate(ts):
-                    a[j] = x.data_ptr() + pc.start * x.element_size()
+            for j, xs in enumerate(ts):
+                x = xs[pc.buf]
+                a[j] = x.data_ptr() + pc.start * x.element_size()
             addr += a
             flags = int(all(x % 16 == 0 for x in a)) | (2 if pc.offset % 4 == 0 else 0)
             rows.append(a + [pc.length, pc.offset, pc.unit if pc.unit >= 0 else U, flags])
-        if hit is None or hit[0] != addr:
+        if hit is None or hit[1] != addr:
             tab = _h2d(torch.tensor(rows or [[0] * TAB_W], dtype=torch.int64), device)
-            hit = (addr, tab)
-            chunk.cache[key] = hit
-        return hit[1]
+        else:
+            tab = hit[2]
+        chunk.cache[key] = (bases, addr, tab, weakref.ref(bufs) if bufs is not None else _dead)
+        return tab
 
     @staticmethod
     def _consts(rule, hp):
@@ -740,7 +762,7 @@ class TritonCUDA(TorchOps):
                    # the step rounds as torch_ops.update: one fused multiply-add when the step size
                    # is the python lr itself, else (u*phi)*step
                    fma=not isinstance(hp["lr"], Tensor) and not authors)
-        if not any(isinstance(x, Tensor) for x in bc1 + bc2):
+        if set(map(type, bufs.bc1)) | set(map(type, bufs.bc2)) <= {float, int}:  # host floats (no Tensor)
             steps = None if lr_dev else step_sizes(dict(hp, lr=lr), {"bc1": bc1, "bc2": bc2}, chunk)
             if len(set(bc1)) <= 1 and len(set(bc2)) <= 1 and (steps is None or len(set(steps)) <= 1):
                 out.update(c1=float(bc1[0]) if bc1 else 1.0, c2=float(bc2[0]) if bc2 else 1.0,
