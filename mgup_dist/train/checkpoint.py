@@ -41,7 +41,7 @@ import torch.distributed as dist
 __all__ = ["list_checkpoints", "latest_checkpoint", "checkpoint_step", "rng_state", "set_rng_state",
            "barrier", "save_checkpoint", "write_manifest", "verify_checkpoint", "candidate_checkpoints", "MANIFEST",
            "SIGNATURE", "KEY_ENV", "signing_key", "sign_manifest", "STATE_FORMAT", "load_trainer_state",
-           "UnusableCheckpoint", "NoSpaceError", "remove_path"]
+           "UnusableCheckpoint", "NoSpaceError", "CheckpointWriteError", "remove_path"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
@@ -57,6 +57,11 @@ STATE_FORMAT = 2
 
 class UnusableCheckpoint(ValueError):
     """A checkpoint directory that cannot be resumed from (the message says why)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be put in place (a directory that cannot be created,
+    replaced or removed); the message names the path and what to do."""
 
 
 class NoSpaceError(OSError):
@@ -315,7 +320,7 @@ def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank
         except OSError as e:
             prep = e
     if _any_rank(prep is not None):
-        raise RuntimeError(f"checkpoint: cannot create {tmp!r}"
+        raise CheckpointWriteError(f"checkpoint: cannot create {tmp!r}"
                            + (f" ({type(prep).__name__}: {prep})" if prep is not None else " (see rank 0)")
                            + "; is the checkpoints directory writable?") from prep
     barrier()
@@ -369,7 +374,7 @@ def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank
         except OSError as e:
             moved = e
     if _any_rank(moved is not None):
-        raise RuntimeError(f"checkpoint: cannot replace {final!r} by the new {os.path.basename(tmp)}"
+        raise CheckpointWriteError(f"checkpoint: cannot replace {final!r} by the new {os.path.basename(tmp)}"
                            + (f" ({type(moved).__name__}: {moved})" if moved is not None else " (see rank 0)")
                            + "; the new checkpoint is complete in the .tmp directory: make the checkpoints "
                              "directory writable and rerun") from moved

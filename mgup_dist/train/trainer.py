@@ -7,6 +7,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -28,20 +29,26 @@ class CollectiveTimeout(RuntimeError):
 
 # What this rank is doing, for the message of a collective that times out.
 _PHASE = ["setup"]
+_PHASE_CHANGED = threading.Event()
+
+
+def _set_phase(text: str) -> None:
+    _PHASE[0] = text
+    _PHASE_CHANGED.set()   # the heartbeat thread publishes it (off the training thread)
 
 
 class _Heartbeat:
     """Names the rank that stopped when a collective times out.  Each rank's daemon
     thread adds 1 to ``alive/<rank>`` in the process group's store every ``interval``
-    seconds and records its phase (``phase/<rank>``); a frozen (SIGSTOP, swapped out) or
-    dead process adds nothing.  The rank whose collective timed out reads every counter
-    twice, ``3 * interval`` apart: a counter that did not move is a stopped rank."""
+    seconds, and publishes the rank's phase (``phase/<rank>``) when it changes (at most
+    50 store operations a second, none on the training thread); a frozen (SIGSTOP,
+    swapped out) or dead process adds nothing.  The rank whose collective timed out reads
+    every counter twice, ``3 * interval`` apart: a counter that did not move is a stopped
+    rank."""
 
     PREFIX = "mgup_dist/heartbeat/"
 
     def __init__(self, rank: int, world: int, interval: float = 1.0):
-        import threading
-
         self.rank, self.world, self.interval = rank, world, interval
         self.store = dist.distributed_c10d._get_default_store()
         self._stop = threading.Event()
@@ -50,24 +57,27 @@ class _Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
+        last_beat = float("-inf")
         while not self._stop.is_set():
             try:
+                _PHASE_CHANGED.clear()
                 if _PHASE[0] != self._phase:
                     self._phase = _PHASE[0]
                     self.store.set(f"{self.PREFIX}phase/{self.rank}", self._phase)
-                self.store.add(f"{self.PREFIX}alive/{self.rank}", 1)
+                if time.monotonic() - last_beat >= self.interval:
+                    self.store.add(f"{self.PREFIX}alive/{self.rank}", 1)
+                    last_beat = time.monotonic()
             except Exception:   # the store is gone (shutdown, host lost): nothing left to report to
                 return
-            self._stop.wait(self.interval)
+            _PHASE_CHANGED.wait(max(0.0, self.interval - (time.monotonic() - last_beat)))
+            self._stop.wait(0.02)
 
     def stop(self) -> None:
         self._stop.set()
 
     def diagnose(self) -> str:
-        """' rank R stopped responding (its last phase: ...)' or the other ranks' phases;
-        '' when the store does not answer within a few seconds."""
-        import threading
-
+        """'rank R stopped responding (...)' or the other ranks' phases; '' when the store
+        does not answer within a few seconds."""
         box: List[str] = []
 
         def read():
@@ -177,8 +187,9 @@ def _broadcast_obj(obj):
     return obj
 
 
-# Per-process bookkeeping, not settings: they may differ from rank to rank.
-_PER_RANK = ("local_rank", "config", "device_obj", "deepspeed_dict", "model_config")
+# Per-process bookkeeping, not settings: they may differ from rank to rank (the config
+# file's path too: its values are what is compared).
+_PER_RANK = ("local_rank", "config")
 
 
 def _flag(key: str) -> str:
@@ -193,9 +204,8 @@ def _check_ranks_agree(cfg) -> None:
     value, instead of ranks that clip, seed or schedule differently."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    mine = {k: v for k, v in to_jsonable(cfg).items() if k not in _PER_RANK}
-    mine["model_config"] = cfg.model_config
-    if getattr(cfg, "deepspeed_dict", None) is not None:
+    mine = {k: v for k, v in to_jsonable(cfg).items() if k not in _PER_RANK}   # model_config included
+    if getattr(cfg, "deepspeed_dict", None) is not None:   # left out of to_jsonable (config.json)
         mine["deepspeed_dict"] = cfg.deepspeed_dict
     every = _gather_obj(mine)
     keys = sorted(set().union(*every))
@@ -468,8 +478,9 @@ def _decide(fn):
 def _check_resume_state(cfg, state: Dict, path: str, world: int) -> Dict:
     """Refusals (ValueError, before any work) of a checkpoint written by another run
     configuration; returns the applied setting changes."""
-    mismatch = {k: (v, state["fingerprint"].get(k)) for k, v in fingerprint(cfg).items()
-                if state["fingerprint"].get(k) != v}
+    now_fp, old_fp = fingerprint(cfg), state["fingerprint"]
+    applied = _SELECTION_SETTINGS if cfg.optimizer != "adamw" else ()
+    mismatch = {k: (v, old_fp.get(k)) for k, v in now_fp.items() if old_fp.get(k) != v and k not in applied}
     if mismatch:
         raise ValueError(
             f"resume: {path!r} was written by a different run configuration "
@@ -481,7 +492,23 @@ def _check_resume_state(cfg, state: Dict, path: str, world: int) -> Dict:
             f"resume: {path!r} was written by {len(state['per_rank'])} process(es), this run has "
             f"{world}; a checkpoint resumes only at the world size that wrote it (every engine): pass --name "
             f"for a new run, or --resume never to start this one over")
-    return _check_resume_settings(cfg, state.get("settings"), path)
+    changed = _check_resume_settings(cfg, state.get("settings"), path)
+    changed.update({k: (old_fp.get(k), now_fp[k]) for k in applied if old_fp.get(k) != now_fp[k]})
+    return changed
+
+
+# MGUP's selection settings (as resolved: --tau gives alpha and gamma) may change on
+# resume: the optimizer state (moments) does not depend on them.  The checkpoint's
+# param groups carry the old values and every engine's load restores them, so the
+# current ones are put back after the load (:func:`_apply_selection_settings`).
+_SELECTION_SETTINGS = ("mask_ratio", "alpha", "gamma", "scope")
+
+
+def _apply_selection_settings(optimizer, cfg) -> None:
+    fp = fingerprint(cfg)
+    for group in optimizer.param_groups:
+        if "mask_ratio" in group:   # every group of an MGUP optimizer
+            group.update({k: fp[k] for k in _SELECTION_SETTINGS}, tau=None)
 
 
 # Settings outside the fingerprint that a resume cannot change: the checkpoint's optimizer
@@ -538,7 +565,7 @@ def train(cfg) -> Dict:
     summary (rank 0's view; other ranks return theirs)."""
     rank, world, device, created_pg = _init_distributed(cfg)
     clean = False
-    _PHASE[0] = "setup"
+    _set_phase("setup")
     heartbeat = None
     if world > 1 and dist.is_initialized():
         try:
@@ -682,6 +709,8 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
         errors = [e for e in errors if e is not None]
         if not errors:
             start_step = int(resume_state["step"])
+            if any(k in _SELECTION_SETTINGS for k in changed_on_resume):
+                _apply_selection_settings(engine.optimizer, cfg)
             if is_main:
                 _report_resume(out_dir, resume_path, start_step, changed_on_resume)
             break
@@ -764,17 +793,17 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     engine.train(True)
     while step < cfg.steps:
         lr = engine.lr
-        _PHASE[0] = f"step {step + 1} (forward, backward, gradient reduction)"
+        _set_phase(f"step {step + 1} (forward, backward, gradient reduction)")
         for micro in range(cfg.grad_accum):
             ids = data.train.next_micro()
             if int(ids.max()) >= vocab:
                 raise ValueError(f"vocab_size: token id {int(ids.max())} >= model vocab {vocab}; pass --vocab-size auto")
             loss_acc += engine.forward_backward(ids, last=micro == cfg.grad_accum - 1)
             n_acc += 1
-        _PHASE[0] = f"step {step + 1} (clipping and optimizer step)"
+        _set_phase(f"step {step + 1} (clipping and optimizer step)")
         gnorm = engine.step()
         step += 1
-        _PHASE[0] = f"logging of step {step}"
+        _set_phase(f"logging of step {step}")
         steps_since += 1
         if engine.skipped:
             skipped_total, skipped_run = skipped_total + 1, skipped_run + 1
@@ -818,7 +847,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             pbar.update(1)
 
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            _PHASE[0] = f"evaluation at step {step}"
+            _set_phase(f"evaluation at step {step}")
             vl = _evaluate(engine, data.val, cfg.eval_micro_batch, device)
             rec = {"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50.0)), "train_s": train_time}
             metrics.log(rec)
@@ -833,7 +862,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             state = {"step": step, "fingerprint": fingerprint(cfg), "world_size": world, "name": cfg.name,
                      "settings": _resume_settings(cfg), "skipped_steps": skipped_total, "vocab_size": vocab,
                      "per_rank": {"data": data.train.state_dict(), "rng": ckpt.rng_state(device)}}
-            _PHASE[0] = f"checkpoint of step {step}"
+            _set_phase(f"checkpoint of step {step}")
             ckpt.save_checkpoint(ckpt_root, step, engine, state, rank, cfg.keep_checkpoints, key=sign_key)
             t_mark = time.perf_counter()
 
