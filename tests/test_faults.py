@@ -559,6 +559,29 @@ def test_output_paths_that_are_not_files_fail_at_start_and_symlinked_checkpoints
         tcfg.parse(["--name", "n" * 4000])
 
 
+@pytest.mark.timeout(120)
+def test_checkpoint_that_cannot_be_put_in_place_is_one_line(tmp_path, capsys, monkeypatch):
+    from mgup_dist.train import checkpoint as ck
+    from mgup_dist.train.cli import main
+
+    out = tmp_path / "r"
+    real = os.replace
+
+    def refuse(src, dst, *a, **k):   # as a read-only mount or a foreign owner would
+        if str(dst).endswith("step_00000004"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(ck.os, "replace", refuse)
+    assert main(BASE + ["--out-dir", str(out), "--resume", "never"]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mgup-dist train: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("mgup-dist train: error: checkpoint: cannot replace "), err
+    assert "step_00000004" in lines[0] and "Permission denied" in lines[0]
+    assert verify_checkpoint(str(_ck(out, 2))) is None
+
+
 # ------------------------------------------------------------------ 15. ranks started with different flags
 
 @pytest.mark.timeout(300)

@@ -21,6 +21,8 @@ environment rank 0 also writes ``manifest.sig``, HMAC-SHA256 under that key of t
 manifest's bytes, and :func:`verify_checkpoint` (which runs before any file is loaded)
 refuses a checkpoint whose signature is missing or does not match.  The manifest holds
 every file's sha256 and no unlisted file is accepted, so the signature covers them all.
+``python -m mgup_dist.train.checkpoint verify|sign DIR...`` checks checkpoints, or signs
+ones the user trusts (written before the key was set).
 """
 from __future__ import annotations
 
@@ -320,9 +322,10 @@ def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank
         except OSError as e:
             prep = e
     if _any_rank(prep is not None):
-        raise CheckpointWriteError(f"checkpoint: cannot create {tmp!r}"
-                           + (f" ({type(prep).__name__}: {prep})" if prep is not None else " (see rank 0)")
-                           + "; is the checkpoints directory writable?") from prep
+        raise CheckpointWriteError(
+            f"checkpoint: cannot create {tmp!r}" + (f" ({type(prep).__name__}: {prep})" if prep is not None else
+                                                    " (see rank 0)") + "; is the checkpoints directory writable?"
+        ) from prep
     barrier()
     err: Optional[BaseException] = None
     try:
@@ -374,10 +377,12 @@ def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank
         except OSError as e:
             moved = e
     if _any_rank(moved is not None):
-        raise CheckpointWriteError(f"checkpoint: cannot replace {final!r} by the new {os.path.basename(tmp)}"
-                           + (f" ({type(moved).__name__}: {moved})" if moved is not None else " (see rank 0)")
-                           + "; the new checkpoint is complete in the .tmp directory: make the checkpoints "
-                             "directory writable and rerun") from moved
+        raise CheckpointWriteError(
+            f"checkpoint: cannot replace {final!r} by the new {os.path.basename(tmp)}"
+            + (f" ({type(moved).__name__}: {moved})" if moved is not None else " (see rank 0)")
+            + "; make the checkpoints directory writable and rerun: the run resumes from the newest checkpoint "
+              "that verifies"
+        ) from moved
     if rank == 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
             try:

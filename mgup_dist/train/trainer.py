@@ -332,7 +332,8 @@ def _event(out_dir: Optional[str], msg: str) -> None:
 
 
 # What a run writes in its output directory: files, and the directories below.
-_OUT_FILES = ("metrics.jsonl", "metrics.discarded.jsonl", "events.log", "config.json", "summary.json")
+_OUT_FILES = ("metrics.jsonl", "metrics.discarded.jsonl", "events.log", "config.json", "summary.json", "lr.png",
+              "train_loss.png", "val_loss.png", "val_loss_time.png")
 _OUT_DIRS = ("checkpoints", "tensorboard")
 
 
