@@ -7,6 +7,8 @@ ARGS`` runs ``mgup-dist train ARGS`` with the engine wrapped as the environment 
   while the file MARKER does not exist, which it creates first.
 * ``MGUP_TEST_NAN="RANK:STEP[,STEP...]"``: rank RANK's training losses are NaN at those
   optimizer steps (1-based).
+* ``MGUP_TEST_RANK_ARGS="RANK:ARG ARG..."``: rank RANK gets these extra command-line
+  arguments (split on spaces), appended to the common ones.
 
 In-process tests call :func:`install` with a pytest ``monkeypatch`` instead.
 """
@@ -18,6 +20,7 @@ import sys
 
 SIGNAL_ENV = "MGUP_TEST_SIGNAL"
 NAN_ENV = "MGUP_TEST_NAN"
+RANK_ARGS_ENV = "MGUP_TEST_RANK_ARGS"
 
 
 def _wrap(engine, cfg, kill, nan):
@@ -85,4 +88,9 @@ if __name__ == "__main__":
             nan=parse_nan(os.environ[NAN_ENV]) if os.environ.get(NAN_ENV) else None)
     from mgup_dist.train.cli import main
 
-    sys.exit(main(sys.argv[1:]))
+    argv = sys.argv[1:]
+    if os.environ.get(RANK_ARGS_ENV):
+        who, extra = os.environ[RANK_ARGS_ENV].split(":", 1)
+        if os.environ.get("RANK", "0") == who:
+            argv += extra.split()
+    sys.exit(main(argv))

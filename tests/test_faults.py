@@ -9,10 +9,10 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -283,12 +283,40 @@ def test_damaged_metrics_and_summary_and_explicit_defaults_on_resume(tmp_path, c
     with open(out / "metrics.jsonl", "ab") as f:
         f.write(b'{"step": "three", "loss": 1.0}\n\xff\xfe\x00 not utf-8\n')
     capsys.readouterr()
-    # the defaults passed explicitly are no change of settings
+    # the defaults passed explicitly are no change of settings, and the resume says so
     again = run(args + ["--tau", "0.5", "--mask-ratio", "0.5", "--vocab-size", "auto"])
     assert again["start_step"] == 2
+    said = capsys.readouterr()
+    assert "resume: from step_00000002 (step 2) with the checkpoint's settings (no setting changed)" in said.out
+    assert "changed setting" not in said.err
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
     assert "not utf-8" in (out / "metrics.discarded.jsonl").read_text(errors="replace")
+
+
+@pytest.mark.timeout(180)
+def test_resume_applies_changed_mgup_settings_and_refuses_a_new_vocabulary(tmp_path, capsys):
+    """--tau and --mask-ratio may change on resume (the moments do not depend on them):
+    one line each, and the optimizer runs with them although the checkpoint's param
+    groups held the old ones.  A vocabulary that changes the model's shape is refused."""
+    out = tmp_path / "r"
+    args = BASE + ["--out-dir", str(out)]
+    run(args + ["--resume", "never"])
+    import shutil
+
+    shutil.rmtree(_ck(out, 4))
+    with pytest.raises(ValueError, match=r"^resume: .* vocabulary of 259 entries, this run's is 300"):
+        run(args + ["--vocab-size", "300"])
+    capsys.readouterr()
+    again = run(args + ["--tau", "0.4", "--mask-ratio", "0.3"])
+    assert again["start_step"] == 2
+    lines = [ln.split("changed setting applied: ")[1] for ln in capsys.readouterr().err.splitlines()
+             if "changed setting applied" in ln]
+    assert lines == ["alpha: checkpoint 2.0, now 2.5", "gamma: checkpoint 0.5, now 0.4",
+                     "mask_ratio: checkpoint 0.5, now 0.3"], lines
+    groups = torch.load(_ck(out, 4) / "optimizer.pt", weights_only=True)["param_groups"]
+    assert {(g["mask_ratio"], g["alpha"], g["gamma"]) for g in groups} == {(0.3, 2.5, 0.4)}
+    assert json.loads((out / "config.json").read_text())["changed_on_resume"]["mask_ratio"] == [0.5, 0.3]
 
 
 # ------------------------------------------------------------------ 7, 8, 11, 12: several ranks
@@ -308,18 +336,22 @@ def test_refusals_exit_2_on_every_rank_and_fsdp2_world_size_change_is_refused(tm
     assert r.stderr.count("resumes only at the world size that wrote it") == 2, r.stderr[-3000:]
 
 
-@pytest.mark.timeout(300)
-def test_frozen_rank_fails_the_run_after_timeout(tmp_path):
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_frozen_rank_fails_the_run_after_timeout_naming_it(tmp_path, engine):
+    """Rank 1 stops (SIGSTOP) after step 1: rank 0's collective fails after --timeout
+    (DeepSpeed's own groups included) with one line naming rank 1 and its last phase."""
     marker = tmp_path / "stopped"
-    t0 = time.monotonic()
-    r = _torchrun(tmp_path, BASE + ["--timeout", "15", "--out-dir", str(tmp_path / "r"), "--resume", "never"],
+    r = _torchrun(tmp_path, BASE + ["--timeout", "15", "--out-dir", str(tmp_path / "r"), "--resume", "never",
+                                    "--engine", engine],
                   entry=[str(ROOT / "tests" / "fault_entry.py")],
-                  env_extra={fault_entry.SIGNAL_ENV: f"1:1:{marker}:STOP"}, timeout=280)
-    took = time.monotonic() - t0
+                  env_extra={fault_entry.SIGNAL_ENV: f"1:1:{marker}:STOP"}, timeout=580)
     assert marker.is_file()
     assert r.returncode != 0
-    assert "timed out" in r.stderr and "--timeout 15" in r.stderr, r.stderr[-3000:]
-    assert took < 240
+    line = next((ln for ln in r.stderr.splitlines() if ln.startswith("mgup-dist train: error: rank 0 of 2")), "")
+    assert "timed out" in line and "--timeout 15" in line, r.stderr[-3000:]
+    assert re.search(r"rank 1 stopped responding \(no heartbeat for 3 s; its last reported phase: "
+                     r"(step [12] |logging of step 1|checkpoint of step 1)", line), line
 
 
 @pytest.mark.timeout(420)
@@ -368,3 +400,235 @@ def test_an_lr_tensor_set_to_nan_in_place_is_refused_at_the_next_step():
     with pytest.raises(ValueError, match="lr must be a finite real number"):
         opt.step()
     assert torch.equal(p.detach(), before)
+
+
+# ------------------------------------------------------------------ 13. signed checkpoints: no code from a checkpoint
+
+KEY = "test-checkpoint-key-0123456789abcdef"
+SIGNED = ["--save-every", "1", "--eval-every", "100", "--log-every", "1", "--global-batch", "4", "--seq-len", "32",
+          "--eval-tokens", "512", "--no-progress", "--no-plots", "--no-tensorboard", "--device", "cpu"]
+
+
+class _Payload:
+    """Unpickling it creates ``marker`` and then fails (as a payload that is found out
+    afterwards would): code from the checkpoint, visible as a file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()\nraise RuntimeError('planted payload ran')",))
+
+
+def _plant_torch_file(path, marker):
+    torch.save({"module": _Payload(marker)}, path)
+
+
+def _plant_dcp_metadata(dcp_dir, marker):
+    (dcp_dir / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+
+
+def _plant_dcp_bytes_item(dcp_dir, marker):
+    """Append a pickled payload to a ``.distcp`` data file and point one of DCP's BYTES
+    items (a param group's lr) at it; the metadata itself stays plain data."""
+    import io
+
+    meta = pickle.loads((dcp_dir / ".metadata").read_bytes())
+    idx = next(i for i in meta.storage_data if i.fqn.endswith("param_groups.0.lr"))
+    info = meta.storage_data[idx]
+    buf = io.BytesIO()
+    torch.save(_Payload(marker), buf)
+    data = dcp_dir / info.relative_path
+    offset = data.stat().st_size
+    with open(data, "ab") as f:
+        f.write(buf.getvalue())
+    info.offset, info.length = offset, len(buf.getvalue())
+    (dcp_dir / ".metadata").write_bytes(pickle.dumps(meta))
+
+
+@pytest.mark.timeout(600)
+def test_signed_fsdp2_checkpoints_refuse_planted_pickles_and_unsigned_ones_fall_back(tmp_path):
+    """FSDP2 + DCP, MGUP_CHECKPOINT_KEY set: a payload planted in ``dcp/.metadata`` and
+    in a ``.distcp`` data file, and a truncated ``.distcp``, each with a regenerated
+    manifest.  Signed: every one is refused by its signature before DCP reads a byte,
+    the payloads never run, the run resumes from the intact checkpoint bit-exact.  The
+    same directory without the key (the manifests verify): DCP runs both payloads, and
+    every checkpoint that fails inside DCP (its CheckpointException) falls back too."""
+    out = tmp_path / "fs"
+    args = SIGNED + ["--engine", "fsdp2", "--steps", "4", "--keep-checkpoints", "4", "--out-dir", str(out)]
+    r = _torchrun(tmp_path, args + ["--resume", "never"], nproc=1, env_extra={"MGUP_CHECKPOINT_KEY": KEY})
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = json.loads((out / "summary.json").read_text())
+    assert all((_ck(out, s) / "manifest.sig").is_file() for s in (1, 2, 3, 4))
+    d4 = _ck(out, 4) / "dcp" / "__0_0.distcp"
+    d4.write_bytes(d4.read_bytes()[: d4.stat().st_size // 2])
+    m_meta, m_bytes = tmp_path / "ran_from_metadata", tmp_path / "ran_from_distcp"
+    _plant_dcp_metadata(_ck(out, 3) / "dcp", m_meta)
+    _plant_dcp_bytes_item(_ck(out, 2) / "dcp", m_bytes)
+    for s in (2, 3, 4):
+        write_manifest(str(_ck(out, s)))   # whoever planted them regenerated the manifests
+    import shutil
+
+    shutil.copytree(out, tmp_path / "unsigned")
+    r = _torchrun(tmp_path, args, nproc=1, env_extra={"MGUP_CHECKPOINT_KEY": KEY})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for s in (2, 3, 4):
+        assert f"skipping checkpoint '{_ck(out, s)}': manifest.json does not match its signature" in r.stderr, \
+            r.stderr[-3000:]
+    assert not m_meta.exists() and not m_bytes.exists()
+    again = json.loads((out / "summary.json").read_text())
+    assert again["start_step"] == 1 and again["final_loss"] == full["final_loss"]
+    # Without the key: what an unsigned checkpoint can do.
+    out = tmp_path / "unsigned"
+    r = _torchrun(tmp_path, args[:-1] + [str(out)], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert m_meta.exists() and m_bytes.exists()
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    for s in (2, 3, 4):   # one line each, naming the wrapped error (not DCP's "CheckpointException ranks:")
+        line = next(ln for ln in r.stderr.splitlines() if f"skipping checkpoint '{_ck(out, s)}'" in ln)
+        assert "verifies against its manifest but does not load (rank 0: " in line, line
+        assert "CheckpointException ranks" not in line, line
+    assert json.loads((out / "summary.json").read_text())["start_step"] == 1
+
+
+@pytest.mark.timeout(900)
+def test_signed_deepspeed_checkpoints_refuse_planted_shards(tmp_path):
+    out = tmp_path / "ds"
+    args = SIGNED + ["--engine", "deepspeed", "--steps", "2", "--keep-checkpoints", "2", "--out-dir", str(out)]
+    env = {"MGUP_CHECKPOINT_KEY": KEY}
+    r = _torchrun(tmp_path, args + ["--resume", "never"], nproc=1, env_extra=env, timeout=800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = json.loads((out / "summary.json").read_text())
+    import shutil
+
+    marker = tmp_path / "ran_from_shard"
+    shards = sorted((_ck(out, 2) / "ds").glob("*model_states.pt")) + sorted((_ck(out, 2) / "ds").glob("*optim_states.pt"))
+    assert len(shards) == 2, sorted(p.name for p in (_ck(out, 2) / "ds").iterdir())
+    for shard in shards:   # each place on its own: refused by the signature, not by a hash
+        copy = tmp_path / f"copy_{shard.name}"
+        shutil.copytree(_ck(out, 2), copy)
+        _plant_torch_file(copy / "ds" / shard.name, marker)
+        write_manifest(str(copy))
+        assert verify_checkpoint(str(copy)) is None
+        why = verify_checkpoint(str(copy), KEY.encode())
+        assert why is not None and why.startswith("manifest.json does not match its signature"), why
+    for shard in shards:
+        _plant_torch_file(shard, marker)
+    write_manifest(str(_ck(out, 2)))
+    r = _torchrun(tmp_path, args, nproc=1, env_extra=env, timeout=800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "manifest.json does not match its signature" in r.stderr and not marker.exists()
+    again = json.loads((out / "summary.json").read_text())
+    assert again["start_step"] == 1 and again["final_loss"] == full["final_loss"]
+
+
+@pytest.mark.timeout(240)
+def test_signing_refuses_unsigned_and_tampered_checkpoints_by_name(tmp_path, capsys, monkeypatch):
+    from mgup_dist.train import checkpoint as ck
+
+    out = tmp_path / "r"
+    args = BASE + ["--out-dir", str(out)]
+    run(args + ["--resume", "never"])               # no key: unsigned
+    ref = torch.load(_ck(out, 4) / "model.pt", weights_only=True)
+    monkeypatch.setenv(ck.KEY_ENV, KEY)
+    with pytest.raises(ValueError, match=r"none is usable \(step_00000004: unsigned: no manifest.sig while "
+                                         r"MGUP_CHECKPOINT_KEY is set.*step_00000002: unsigned"):
+        run(args)
+    # the owner signs the checkpoints they trust; a flipped byte is then refused by file name
+    assert ck._main(["sign", str(_ck(out, 2)), str(_ck(out, 4))]) == 0
+    assert ck._main(["verify", str(_ck(out, 2)), str(_ck(out, 4))]) == 0
+    data = bytearray((_ck(out, 4) / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 1
+    (_ck(out, 4) / "model.pt").write_bytes(bytes(data))
+    capsys.readouterr()
+    again = run(args)
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "model.pt fails its sha256 check" in err, err
+    assert again["start_step"] == 2 and (_ck(out, 4) / "manifest.sig").is_file()
+    got = torch.load(_ck(out, 4) / "model.pt", weights_only=True)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    monkeypatch.setenv(ck.KEY_ENV, "short")
+    with pytest.raises(ValueError, match=r"^MGUP_CHECKPOINT_KEY: .* 5 bytes, at least 16"):
+        run(args)
+
+
+# ------------------------------------------------------------------ 14. output paths that cannot be written
+
+@pytest.mark.timeout(240)
+def test_output_paths_that_are_not_files_fail_at_start_and_symlinked_checkpoints_work(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = BASE + ["--out-dir", str(out)]
+    for name in ("metrics.jsonl", "metrics.discarded.jsonl", "summary.json"):
+        (out / name).mkdir(parents=True)
+        with pytest.raises(ValueError, match=f"^out_dir: .*{name}' exists and is not a regular file"):
+            run(args + ["--resume", "never"])
+        (out / name).rmdir()
+    (out / "tensorboard").write_text("x")
+    with pytest.raises(ValueError, match="^out_dir: .*tensorboard' exists and is not a directory"):
+        run(args)
+    (out / "tensorboard").unlink()
+    # checkpoints on another disk through a link: written, rotated, resumed, and
+    # --resume never empties the link's target without removing the link
+    elsewhere = tmp_path / "disk2"
+    elsewhere.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    run(args + ["--steps", "2", "--warmup-steps", "1"])
+    assert (elsewhere / "step_00000002").is_dir()
+    run(args + ["--resume", "never"])
+    assert (out / "checkpoints").is_symlink() and sorted(p.name for p in elsewhere.iterdir()) == \
+        ["step_00000002", "step_00000004"]
+    # a step directory that is itself a link (here: to a damaged copy) is skipped, then
+    # replaced by unlinking it; the link's target is left alone
+    (elsewhere / "step_00000004").rename(tmp_path / "moved4")
+    (elsewhere / "step_00000004").symlink_to(tmp_path / "moved4", target_is_directory=True)
+    with open(tmp_path / "moved4" / "model.pt", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    capsys.readouterr()
+    s = run(args + ["--save-every", "1"])
+    assert s["start_step"] == 2
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["step_00000003", "step_00000004"]
+    assert not (elsewhere / "step_00000004").is_symlink() and (tmp_path / "moved4" / "model.pt").is_file()
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^name: 4000 bytes long .* at most 200 bytes"):
+        tcfg.parse(["--name", "n" * 4000])
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_that_cannot_be_put_in_place_is_one_line(tmp_path, capsys, monkeypatch):
+    from mgup_dist.train import checkpoint as ck
+    from mgup_dist.train.cli import main
+
+    out = tmp_path / "r"
+    real = os.replace
+
+    def refuse(src, dst, *a, **k):   # as a read-only mount or a foreign owner would
+        if str(dst).endswith("step_00000004"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(ck.os, "replace", refuse)
+    assert main(BASE + ["--out-dir", str(out), "--resume", "never"]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mgup-dist train: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("mgup-dist train: error: checkpoint: cannot replace "), err
+    assert "step_00000004" in lines[0] and "Permission denied" in lines[0]
+    assert verify_checkpoint(str(_ck(out, 2))) is None
+
+
+# ------------------------------------------------------------------ 15. ranks started with different flags
+
+@pytest.mark.timeout(300)
+def test_ranks_started_with_different_flags_are_refused_by_name(tmp_path):
+    r = _torchrun(tmp_path, BASE + ["--out-dir", str(tmp_path / "r"), "--resume", "never"],
+                  entry=[str(ROOT / "tests" / "fault_entry.py")],
+                  env_extra={fault_entry.RANK_ARGS_ENV: "1:--grad-clip 0.5 --seed 3"})
+    assert r.returncode != 0, r.stderr[-3000:]
+    ours = r.stderr.split("Traceback")[0]        # what the ranks print, before torchrun's own failure report
+    lines = [ln for ln in ours.splitlines() if "ranks disagree on their settings" in ln]
+    assert len(lines) == 2, r.stderr[-3000:]     # one line on each rank
+    assert "--grad-clip: rank 0: 1.0, rank 1: 0.5" in lines[0] and "--seed: rank 0: 0, rank 1: 3" in lines[0]
+    assert not (tmp_path / "r" / "checkpoints").exists()

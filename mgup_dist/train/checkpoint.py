@@ -13,19 +13,28 @@ of it is loaded; resume then falls back to the newest checkpoint that verifies.
 
 Trust: everything this module and the trainer load is read with ``torch.load(...,
 weights_only=True)`` (tensors and plain containers, no code); ``trainer_state.pt`` holds
-only those (format 2).  torch.distributed.checkpoint's ``.metadata`` and DeepSpeed's
-shards are unpickled by those libraries: a checkpoint directory must be as trusted as
-code.
+only those (format 2).  torch.distributed.checkpoint (its ``.metadata`` and the non-tensor
+items of its ``.distcp`` files) and DeepSpeed (its model and optimizer shards) unpickle
+with no such limit: an unsigned checkpoint can run code when it is loaded.  The manifest
+only detects damage (anyone can regenerate it), so with ``MGUP_CHECKPOINT_KEY`` set in the
+environment rank 0 also writes ``manifest.sig``, HMAC-SHA256 under that key of the
+manifest's bytes, and :func:`verify_checkpoint` (which runs before any file is loaded)
+refuses a checkpoint whose signature is missing or does not match.  The manifest holds
+every file's sha256 and no unlisted file is accepted, so the signature covers them all.
+``python -m mgup_dist.train.checkpoint verify|sign DIR...`` checks checkpoints, or signs
+ones the user trusts (written before the key was set).
 """
 from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from typing import List, Optional
 
 import torch
@@ -33,10 +42,16 @@ import torch.distributed as dist
 
 __all__ = ["list_checkpoints", "latest_checkpoint", "checkpoint_step", "rng_state", "set_rng_state",
            "barrier", "save_checkpoint", "write_manifest", "verify_checkpoint", "candidate_checkpoints", "MANIFEST",
-           "STATE_FORMAT", "load_trainer_state", "UnusableCheckpoint", "NoSpaceError"]
+           "SIGNATURE", "KEY_ENV", "signing_key", "sign_manifest", "STATE_FORMAT", "load_trainer_state",
+           "UnusableCheckpoint", "NoSpaceError", "CheckpointWriteError", "remove_path"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
+#: HMAC-SHA256 of ``manifest.json`` (hex), written when :data:`KEY_ENV` is set.
+SIGNATURE = "manifest.sig"
+#: The environment variable holding the checkpoint signing key.
+KEY_ENV = "MGUP_CHECKPOINT_KEY"
+_MIN_KEY_BYTES = 16
 #: ``trainer_state.pt`` layout: 2 = tensors, numbers, strings and containers only (loads
 #: with ``weights_only=True``).  Format 1 pickled numpy's RNG state and is refused.
 STATE_FORMAT = 2
@@ -44,6 +59,11 @@ STATE_FORMAT = 2
 
 class UnusableCheckpoint(ValueError):
     """A checkpoint directory that cannot be resumed from (the message says why)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be put in place (a directory that cannot be created,
+    replaced or removed); the message names the path and what to do."""
 
 
 class NoSpaceError(OSError):
@@ -64,9 +84,54 @@ def _files(root: str) -> List[str]:
     for d, _, names in os.walk(root):
         for n in names:
             rel = os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
-            if rel != MANIFEST:
+            if rel not in (MANIFEST, SIGNATURE):
                 out.append(rel)
     return sorted(out)
+
+
+def signing_key() -> Optional[bytes]:
+    """The key of :data:`KEY_ENV` (UTF-8 bytes), None when unset or empty; a ValueError
+    for a key too short to resist guessing."""
+    key = os.environ.get(KEY_ENV, "")
+    if not key:
+        return None
+    key_bytes = key.encode("utf-8")
+    if len(key_bytes) < _MIN_KEY_BYTES:
+        raise ValueError(f"{KEY_ENV}: the checkpoint signing key has {len(key_bytes)} bytes, at least "
+                         f"{_MIN_KEY_BYTES} are needed (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+    return key_bytes
+
+
+def _mac(key: bytes, path: str) -> str:
+    with open(os.path.join(path, MANIFEST), "rb") as f:
+        return hmac.new(key, f.read(), hashlib.sha256).hexdigest()
+
+
+def sign_manifest(path: str, key: bytes) -> None:
+    """Write ``manifest.sig``: HMAC-SHA256 under ``key`` of the manifest's bytes (rank 0,
+    after :func:`write_manifest`)."""
+    tmp = os.path.join(path, SIGNATURE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(_mac(key, path) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, SIGNATURE))
+
+
+def _check_signature(path: str, key: bytes) -> Optional[str]:
+    spath = os.path.join(path, SIGNATURE)
+    if not os.path.isfile(spath):
+        return (f"unsigned: no {SIGNATURE} while {KEY_ENV} is set (its files could run code when loaded: "
+                f"sign it with `python -m mgup_dist.train.checkpoint sign DIR` only if you trust where it came from)")
+    try:
+        with open(spath, "rb") as f:
+            got = f.read().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"unreadable {SIGNATURE}: {type(e).__name__}: {e}"
+    if not hmac.compare_digest(got, _mac(key, path)):
+        return (f"{MANIFEST} does not match its signature {SIGNATURE} under {KEY_ENV} (changed after it was "
+                "signed, or signed with another key): refused before any of its files is loaded")
+    return None
 
 
 def write_manifest(path: str) -> None:
@@ -82,12 +147,17 @@ def write_manifest(path: str) -> None:
     os.replace(tmp, os.path.join(path, MANIFEST))
 
 
-def verify_checkpoint(path: str) -> Optional[str]:
-    """None when ``path`` is a complete checkpoint whose files match its manifest;
-    otherwise the reason it is unusable (first problem found)."""
+def verify_checkpoint(path: str, key: Optional[bytes] = None) -> Optional[str]:
+    """None when ``path`` is a complete checkpoint whose files match its manifest (and,
+    with a signing ``key``, whose manifest matches its signature); otherwise the reason it
+    is unusable (first problem found).  Reads files as bytes only: nothing is unpickled."""
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
         return f"no {MANIFEST} (incomplete, or written by a version without checksums)"
+    if key is not None:
+        why = _check_signature(path, key)
+        if why is not None:
+            return why
     try:
         with open(mpath, "rb") as f:
             files = json.loads(f.read().decode("utf-8"))["files"]
@@ -223,19 +293,39 @@ def _any_rank(flag: bool) -> bool:
     return any(box)
 
 
-def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank: int, keep: int) -> str:
+def remove_path(path: str) -> None:
+    """Remove a checkpoint directory; a symbolic link (a checkpoint kept on another disk)
+    is unlinked, never followed."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path)
+
+
+def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank: int, keep: int,
+                    key: Optional[bytes] = None) -> str:
     """Collective: every rank calls it.  ``trainer_state`` holds this rank's entries
     (data position, RNG) under ``per_rank`` plus shared ones; rank 0 gathers the per-rank
     entries and writes ``trainer_state.pt`` last, which marks the directory complete.
     A write that fails (a full disk) fails on every rank, removes the partial
-    ``step_N.tmp`` and leaves the older checkpoints as they were."""
+    ``step_N.tmp`` and leaves the older checkpoints as they were.  With a signing ``key``
+    rank 0 signs the manifest (:func:`sign_manifest`)."""
     final = os.path.join(ckpt_root, f"step_{step:08d}")
     tmp = final + ".tmp"
+    prep: Optional[BaseException] = None
     if rank == 0:
-        os.makedirs(ckpt_root, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
+        try:
+            os.makedirs(ckpt_root, exist_ok=True)
+            if os.path.lexists(tmp):
+                remove_path(tmp)
+            os.makedirs(tmp)
+        except OSError as e:
+            prep = e
+    if _any_rank(prep is not None):
+        raise CheckpointWriteError(
+            f"checkpoint: cannot create {tmp!r}" + (f" ({type(prep).__name__}: {prep})" if prep is not None else
+                                                    " (see rank 0)") + "; is the checkpoints directory writable?"
+        ) from prep
     barrier()
     err: Optional[BaseException] = None
     try:
@@ -257,6 +347,8 @@ def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank
         try:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
             write_manifest(tmp)   # last: covers every file of every rank (shared filesystem)
+            if key is not None:
+                sign_manifest(tmp, key)
         except (OSError, RuntimeError) as e:
             err = e
     if _any_rank(err is not None):
@@ -276,11 +368,56 @@ def save_checkpoint(ckpt_root: str, step: int, engine, trainer_state: dict, rank
                                              f"resume from the newest of them") from err
         raise RuntimeError(f"checkpoint: writing {final!r} failed ({type(err).__name__}: {err}); the partial "
                            f"directory was removed and {keep_note}") from err
+    moved: Optional[BaseException] = None
     if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            if os.path.lexists(final):
+                remove_path(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            moved = e
+    if _any_rank(moved is not None):
+        raise CheckpointWriteError(
+            f"checkpoint: cannot replace {final!r} by the new {os.path.basename(tmp)}"
+            + (f" ({type(moved).__name__}: {moved})" if moved is not None else " (see rank 0)")
+            + "; make the checkpoints directory writable and rerun: the run resumes from the newest checkpoint "
+              "that verifies"
+        ) from moved
+    if rank == 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                remove_path(old)
+            except OSError as e:   # the new one is in place; an old one left over is only disk space
+                print(f"[mgup-dist train] WARNING: checkpoint rotation could not remove {old!r} "
+                      f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     barrier()
     return final
+
+
+def _main(argv: List[str]) -> int:
+    """``python -m mgup_dist.train.checkpoint verify|sign DIR...``: check checkpoints
+    against their manifests (and signatures when :data:`KEY_ENV` is set), or sign ones
+    whose files match their manifest, under :data:`KEY_ENV`."""
+    if len(argv) < 2 or argv[0] not in ("verify", "sign"):
+        print("usage: python -m mgup_dist.train.checkpoint verify|sign CHECKPOINT_DIR...", file=sys.stderr)
+        return 2
+    try:
+        key = signing_key()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if argv[0] == "sign" and key is None:
+        print(f"error: sign needs the key in {KEY_ENV}", file=sys.stderr)
+        return 2
+    bad = 0
+    for path in argv[1:]:
+        why = verify_checkpoint(path, key if argv[0] == "verify" else None)
+        if why is None and argv[0] == "sign":
+            sign_manifest(path, key)
+        print(f"{path}: {'ok' if why is None else why}" + (" (signed)" if why is None and argv[0] == "sign" else ""))
+        bad += why is not None
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -426,12 +426,22 @@ _FLAG_OF_KWARG = {"lr": "--lr (--muon-lr for mgup_muon's matrices)", "betas": "-
                   "gamma": "--gamma", "tau": "--tau", "scope": "--scope", "adamw_lr": "--lr"}
 
 
+# A directory name's limit on common filesystems (ext4, xfs, btrfs: 255 bytes), less room
+# for what the run appends below runs/<name>.
+_NAME_MAX = 200
+# Paths the run writes under --out-dir add up to ~80 characters (checkpoints/step_N.tmp/...).
+_OUT_DIR_MAX = 4096 - 128
+
+
 def _check_name(name: str) -> None:
     """A run name names a directory under runs/; it is never a path."""
     if (not isinstance(name, str) or not name.strip() or "/" in name or os.sep in name
             or (os.altsep and os.altsep in name) or name in (".", "..") or "\0" in name):
         raise ValueError(f"name: {name!r} is not a run name: use letters, digits, '-', '_' or '.', without path "
                          "separators or '..' (to write elsewhere, pass --out-dir)")
+    if len(name.encode("utf-8")) > _NAME_MAX:
+        raise ValueError(f"name: {len(name.encode('utf-8'))} bytes long ({name[:40]!r}...); a run name is a directory "
+                         f"name: at most {_NAME_MAX} bytes")
 
 
 def _check_out_dir(out_dir: str) -> None:
@@ -445,6 +455,10 @@ def _check_out_dir(out_dir: str) -> None:
         raise ValueError(f"out_dir: {ck!r} exists and is not a directory; move it away (checkpoints are written "
                          "there)")
     p = os.path.abspath(out_dir)
+    long_part = max(p.split(os.sep), key=len)
+    if len(p.encode("utf-8")) > _OUT_DIR_MAX or len(long_part.encode("utf-8")) > 255:
+        raise ValueError(f"out_dir: {out_dir[:60]!r}... is too long for the filesystem (path {len(p.encode('utf-8'))} "
+                         f"bytes, at most {_OUT_DIR_MAX}; one name {len(long_part.encode('utf-8'))} bytes, at most 255)")
     while not os.path.exists(p):
         p = os.path.dirname(p)
     if not os.path.isdir(p):

@@ -194,7 +194,8 @@ class FSDP2Engine(Engine):
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._dcp_state()   # allocates optimizer state (a zero-lr step) so DCP has targets
-        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+        with _quiet_dcp_fallback_warnings():
+            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(_load_file(os.path.join(path, "scheduler.pt")))
 
@@ -243,6 +244,14 @@ class DeepSpeedEngine(Engine):
             lr_scheduler=lambda opt: CosineWithWarmup(opt, warmup=cfg.warmup_steps, total=cfg.steps,
                                                       min_ratio=cfg.min_lr_ratio),
         )
+        _apply_timeout(cfg.timeout)
+
+    def load(self, path: str) -> None:
+        load_path, _ = self.model.load_checkpoint(path, tag="ds", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path!r}")
+        _apply_timeout(self.cfg.timeout)   # groups made while loading
 
     def _autocast(self):
         return contextlib.nullcontext()   # DeepSpeed keeps bf16 weights itself
@@ -275,11 +284,40 @@ class DeepSpeedEngine(Engine):
     def save(self, path: str, rank: int) -> None:
         self.model.save_checkpoint(path, tag="ds", save_latest=False)
 
-    def load(self, path: str) -> None:
-        load_path, _ = self.model.load_checkpoint(path, tag="ds", load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint under {path!r}")
+
+
+@contextlib.contextmanager
+def _quiet_dcp_fallback_warnings():
+    """DCP logs a traceback on the root logger when a ``.metadata`` does not load, before
+    it raises; the trainer reports that failure in one line and falls back to an older
+    checkpoint, so these records are dropped while a checkpoint loads (others pass)."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "torch/distributed/checkpoint/" not in record.pathname.replace(os.sep, "/")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _apply_timeout(seconds: float) -> None:
+    """DeepSpeed makes its data-parallel (and other) groups with ``new_group(ranks)``,
+    which takes torch's default timeout (30 minutes off NCCL), not the one of the world
+    group the trainer made with ``--timeout``: a stopped rank then held the others for
+    30 minutes.  Give every group this process belongs to the run's timeout (gloo and
+    NCCL; torch warns and keeps the default on other backends)."""
+    import datetime
+
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=seconds)
+    for pg in list(c10d._world.pg_map):
+        if pg is not None and not c10d._rank_not_in_group(pg):
+            c10d._set_pg_timeout(timeout, pg)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, file: str) -> None:

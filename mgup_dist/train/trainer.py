@@ -5,9 +5,9 @@ import datetime
 import json
 import math
 import os
-import shutil
 import socket
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -29,12 +29,98 @@ class CollectiveTimeout(RuntimeError):
 
 # What this rank is doing, for the message of a collective that times out.
 _PHASE = ["setup"]
+_PHASE_CHANGED = threading.Event()
+
+
+def _set_phase(text: str) -> None:
+    _PHASE[0] = text
+    _PHASE_CHANGED.set()   # the heartbeat thread publishes it (off the training thread)
+
+
+class _Heartbeat:
+    """Names the rank that stopped when a collective times out.  Each rank's daemon
+    thread adds 1 to ``alive/<rank>`` in the process group's store every ``interval``
+    seconds, and publishes the rank's phase (``phase/<rank>``) when it changes (at most
+    50 store operations a second, none on the training thread); a frozen (SIGSTOP,
+    swapped out) or dead process adds nothing.  The rank whose collective timed out reads
+    every counter twice, ``3 * interval`` apart: a counter that did not move is a stopped
+    rank."""
+
+    PREFIX = "mgup_dist/heartbeat/"
+
+    def __init__(self, rank: int, world: int, interval: float = 1.0):
+        self.rank, self.world, self.interval = rank, world, interval
+        self.store = dist.distributed_c10d._get_default_store()
+        self._stop = threading.Event()
+        self._phase = None
+        self._thread = threading.Thread(target=self._run, name="mgup-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last_beat = float("-inf")
+        while not self._stop.is_set():
+            try:
+                _PHASE_CHANGED.clear()
+                if _PHASE[0] != self._phase:
+                    self._phase = _PHASE[0]
+                    self.store.set(f"{self.PREFIX}phase/{self.rank}", self._phase)
+                if time.monotonic() - last_beat >= self.interval:
+                    self.store.add(f"{self.PREFIX}alive/{self.rank}", 1)
+                    last_beat = time.monotonic()
+            except Exception:   # the store is gone (shutdown, host lost): nothing left to report to
+                return
+            _PHASE_CHANGED.wait(max(0.0, self.interval - (time.monotonic() - last_beat)))
+            self._stop.wait(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def diagnose(self) -> str:
+        """'rank R stopped responding (...)' or the other ranks' phases; '' when the store
+        does not answer within a few seconds."""
+        box: List[str] = []
+
+        def read():
+            keys = [f"{self.PREFIX}alive/{r}" for r in range(self.world)]
+            before = [self.store.add(k, 0) for k in keys]
+            time.sleep(3 * self.interval)
+            after = [self.store.add(k, 0) for k in keys]
+            phases = {}
+            for r in range(self.world):
+                k = f"{self.PREFIX}phase/{r}"
+                phases[r] = self.store.get(k).decode("utf-8", "replace") if self.store.check([k]) else "setup"
+            stopped = [r for r in range(self.world) if r != self.rank and after[r] == before[r]]
+            if stopped:
+                box.append("; ".join(f"rank {r} stopped responding (no heartbeat for {3 * self.interval:g} s; its "
+                                     f"last reported phase: {phases[r]})" for r in stopped))
+            else:
+                other = [f"rank {r}: {phases[r]}" for r in range(self.world) if phases[r] != phases[self.rank]]
+                box.append("every rank is still running" + (f" ({', '.join(other)})" if other else "")
+                           + ": one is far slower, or stuck outside a collective")
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(6 * self.interval + 5)
+        return box[0] if box else ""
 
 
 def _is_timeout(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
 
+
+
+def _load_error(e: BaseException) -> str:
+    """One line for a checkpoint that does not load.  DCP's CheckpointException wraps each
+    rank's exception; its own first line names only the ranks, so the first wrapped one is
+    reported."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))   # (exception, its traceback summary)
+        inner = inner[0] if isinstance(inner, tuple) and inner else inner
+        if isinstance(inner, BaseException):
+            e = inner
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
 def _free_port() -> int:
@@ -99,6 +185,35 @@ def _broadcast_obj(obj):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+# Per-process bookkeeping, not settings: they may differ from rank to rank (the config
+# file's path too: its values are what is compared).
+_PER_RANK = ("local_rank", "config")
+
+
+def _flag(key: str) -> str:
+    return {"model_config": "--model (the model file's contents)",
+            "deepspeed_dict": "--deepspeed-config (the file's contents)"}.get(key, "--" + key.replace("_", "-"))
+
+
+def _check_ranks_agree(cfg) -> None:
+    """Every rank must run the same configuration (a flag given to one rank only, a
+    config file that differs between nodes): one all_gather_object of the settings at
+    start, and a ValueError on every rank naming each differing flag with every rank's
+    value, instead of ranks that clip, seed or schedule differently."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    mine = {k: v for k, v in to_jsonable(cfg).items() if k not in _PER_RANK}   # model_config included
+    if getattr(cfg, "deepspeed_dict", None) is not None:   # left out of to_jsonable (config.json)
+        mine["deepspeed_dict"] = cfg.deepspeed_dict
+    every = _gather_obj(mine)
+    keys = sorted(set().union(*every))
+    diff = [k for k in keys if any(e.get(k, "<unset>") != every[0].get(k, "<unset>") for e in every)]
+    if diff:
+        raise ValueError("ranks disagree on their settings: " + "; ".join(
+            f"{_flag(k)}: " + ", ".join(f"rank {r}: {e.get(k, '<unset>')!r}"[:200] for r, e in enumerate(every))
+            for k in diff) + " (every rank must get the same flags and files)")
 
 
 def _prepare_metrics_log(path: str, resume_step: int, out_dir: str) -> None:
@@ -216,17 +331,46 @@ def _event(out_dir: Optional[str], msg: str) -> None:
             pass
 
 
+# What a run writes in its output directory: files, and the directories below.
+_OUT_FILES = ("metrics.jsonl", "metrics.discarded.jsonl", "events.log", "config.json", "summary.json", "lr.png",
+              "train_loss.png", "val_loss.png", "val_loss_time.png")
+_OUT_DIRS = ("checkpoints", "tensorboard")
+
+
 def _probe_out_dir(out_dir: str, rank: int) -> None:
-    """Create ``out_dir`` and write/remove a probe file, before data and model exist: a
-    read-only mount or a path under a file fails here, not at the first checkpoint."""
-    probe = os.path.join(out_dir, f".write_probe.rank{rank}")
+    """Create ``out_dir`` and write/remove a probe file (also in ``checkpoints/`` when it
+    exists), before data and model exist: a read-only mount, a path under a file, a log
+    path that is a directory fail here with one line, not at the first log record or
+    checkpoint."""
+    def probe(d):
+        f = os.path.join(d, f".write_probe.rank{rank}")
+        with open(f, "w") as fh:
+            fh.write("ok\n")
+        os.remove(f)
+
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok\n")
-        os.remove(probe)
+        probe(out_dir)
     except OSError as e:
         raise ValueError(f"out_dir: {out_dir!r} is not a writable directory ({e})") from e
+    for name in _OUT_FILES:
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise ValueError(f"out_dir: {path!r} exists and is not a regular file (a directory or a dangling "
+                             "link?); the run writes it: move it away")
+        if os.path.isfile(path) and not os.access(path, os.W_OK):
+            raise ValueError(f"out_dir: {path!r} is not writable; the run appends to it: fix its permissions")
+    for name in _OUT_DIRS:
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ValueError(f"out_dir: {path!r} exists and is not a directory; the run writes there: move it away")
+    ck = os.path.join(out_dir, "checkpoints")
+    if os.path.isdir(ck):
+        try:
+            probe(ck)
+        except OSError as e:
+            raise ValueError(f"out_dir: the checkpoints directory {ck!r} is not writable ({e}); checkpoints are "
+                             "written and rotated there: fix its permissions or pass another --out-dir") from e
 
 
 class _OptimizerTimer:
@@ -272,22 +416,29 @@ def _resume_candidates(cfg, ckpt_root: str) -> List[str]:
     """Checkpoints to try, newest first (rank 0): every ``step_N`` for auto/latest, the
     given directory for ``--resume DIR``, none for ``never`` (which deletes them)."""
     if cfg.resume == "never":
-        if os.path.isdir(ckpt_root):
-            shutil.rmtree(ckpt_root)
+        # A link to another disk stays a link: its checkpoints are removed, not the link.
+        for old in ckpt.candidate_checkpoints(ckpt_root) if os.path.islink(ckpt_root) else (
+                [ckpt_root] if os.path.isdir(ckpt_root) else []):
+            try:
+                ckpt.remove_path(old)
+            except OSError as e:
+                raise ValueError(f"resume: --resume never cannot remove the old checkpoint {old!r} ({type(e).__name__}: "
+                                 f"{e}); remove it yourself or pass another --out-dir") from e
         return []
     if cfg.resume in ("auto", "latest"):
         return list(reversed(ckpt.candidate_checkpoints(ckpt_root)))
     return [cfg.resume]
 
 
-def _pick_checkpoint(cfg, cands: List[str], start: int, reasons: List[str], ckpt_root: str) -> Optional[int]:
-    """Index of the first of ``cands[start:]`` that verifies against its manifest and
-    whose trainer state loads (rank 0).  auto/latest skip the others with a warning
+def _pick_checkpoint(cfg, cands: List[str], start: int, reasons: List[str], ckpt_root: str,
+                     key: Optional[bytes] = None) -> Optional[int]:
+    """Index of the first of ``cands[start:]`` that verifies against its manifest (and
+    its signature, with a signing ``key``) and whose trainer state loads (rank 0).  auto/latest skip the others with a warning
     naming the reason; checkpoints present but none usable: ValueError, never a silent
     fresh start.  ``reasons`` collects why each skipped one was unusable."""
     explicit = cfg.resume not in ("auto", "latest")
     for i in range(start, len(cands)):
-        why = ckpt.verify_checkpoint(cands[i])
+        why = ckpt.verify_checkpoint(cands[i], key)
         if why is None:
             try:
                 ckpt.load_trainer_state(cands[i])
@@ -328,8 +479,9 @@ def _decide(fn):
 def _check_resume_state(cfg, state: Dict, path: str, world: int) -> Dict:
     """Refusals (ValueError, before any work) of a checkpoint written by another run
     configuration; returns the applied setting changes."""
-    mismatch = {k: (v, state["fingerprint"].get(k)) for k, v in fingerprint(cfg).items()
-                if state["fingerprint"].get(k) != v}
+    now_fp, old_fp = fingerprint(cfg), state["fingerprint"]
+    applied = _SELECTION_SETTINGS if cfg.optimizer != "adamw" else ()
+    mismatch = {k: (v, old_fp.get(k)) for k, v in now_fp.items() if old_fp.get(k) != v and k not in applied}
     if mismatch:
         raise ValueError(
             f"resume: {path!r} was written by a different run configuration "
@@ -341,7 +493,23 @@ def _check_resume_state(cfg, state: Dict, path: str, world: int) -> Dict:
             f"resume: {path!r} was written by {len(state['per_rank'])} process(es), this run has "
             f"{world}; a checkpoint resumes only at the world size that wrote it (every engine): pass --name "
             f"for a new run, or --resume never to start this one over")
-    return _check_resume_settings(cfg, state.get("settings"), path)
+    changed = _check_resume_settings(cfg, state.get("settings"), path)
+    changed.update({k: (old_fp.get(k), now_fp[k]) for k in applied if old_fp.get(k) != now_fp[k]})
+    return changed
+
+
+# MGUP's selection settings (as resolved: --tau gives alpha and gamma) may change on
+# resume: the optimizer state (moments) does not depend on them.  The checkpoint's
+# param groups carry the old values and every engine's load restores them, so the
+# current ones are put back after the load (:func:`_apply_selection_settings`).
+_SELECTION_SETTINGS = ("mask_ratio", "alpha", "gamma", "scope")
+
+
+def _apply_selection_settings(optimizer, cfg) -> None:
+    fp = fingerprint(cfg)
+    for group in optimizer.param_groups:
+        if "mask_ratio" in group:   # every group of an MGUP optimizer
+            group.update({k: fp[k] for k in _SELECTION_SETTINGS}, tau=None)
 
 
 # Settings outside the fingerprint that a resume cannot change: the checkpoint's optimizer
@@ -351,6 +519,19 @@ def _check_resume_state(cfg, state: Dict, path: str, world: int) -> Dict:
 _REFUSED_ON_RESUME = ("bf16", "beta1", "beta2", "eps", "opt_kwargs", "muon_lr", "deepspeed_config", "model_config")
 # Bookkeeping, not settings of the run.
 _IGNORED_ON_RESUME = ("resume", "local_rank", "config", "device_obj", "deepspeed_dict", "name")
+
+
+def _report_resume(out_dir: str, path: str, step: int, changed: Dict) -> None:
+    """Say whether a resumed run changes: one line per changed setting (what the
+    checkpoint had, what now applies), or one line saying that none changed (flags given
+    again with the checkpoint's values, e.g. ``--tau 0.5`` when tau was 0.5, are none)."""
+    where = f"{os.path.basename(os.path.normpath(path))} (step {step})"
+    if not changed:
+        print(f"[mgup-dist train] resume: from {where} with the checkpoint's settings (no setting changed)",
+              flush=True)
+        return
+    for k, (old, new) in sorted(changed.items()):
+        _event(out_dir, f"resume: from {where}: changed setting applied: {k}: checkpoint {old!r}, now {new!r}")
 
 
 def _resume_settings(cfg) -> Dict:
@@ -365,8 +546,12 @@ def _check_resume_settings(cfg, saved: Optional[Dict], path: str) -> Dict:
     if saved is None:   # a checkpoint of an older version: nothing recorded to compare
         return {}
     now = _resume_settings(cfg)
+    # The fingerprint's settings were compared as the optimizer resolves them (tau 0.5 =
+    # alpha 2, gamma 0.5), the vocabulary is compared once the tokenizer exists: an
+    # explicit default is no change.
+    resolved = set(fingerprint(cfg)) | {"vocab_size"}
     changed = {k: (saved.get(k), v) for k, v in now.items()
-               if k not in _IGNORED_ON_RESUME and k in saved and saved.get(k) != v}
+               if k not in _IGNORED_ON_RESUME and k not in resolved and k in saved and saved.get(k) != v}
     refused = {k: ov for k, ov in changed.items() if k in _REFUSED_ON_RESUME}
     if refused:
         what = ", ".join(f"{'precision (bf16)' if k == 'bf16' else k}: checkpoint {o!r}, now {n!r}"
@@ -381,7 +566,13 @@ def train(cfg) -> Dict:
     summary (rank 0's view; other ranks return theirs)."""
     rank, world, device, created_pg = _init_distributed(cfg)
     clean = False
-    _PHASE[0] = "setup"
+    _set_phase("setup")
+    heartbeat = None
+    if world > 1 and dist.is_initialized():
+        try:
+            heartbeat = _Heartbeat(rank, world)
+        except Exception:   # no store (an externally made group): timeouts then name no rank
+            heartbeat = None
     try:
         out = _train(cfg, rank, world, device)
         clean = True
@@ -392,13 +583,17 @@ def train(cfg) -> Dict:
         raise
     except Exception as e:
         if world > 1 and _is_timeout(e):
+            who = heartbeat.diagnose() if heartbeat is not None else ""
             raise CollectiveTimeout(
                 f"rank {rank} of {world}: a collective timed out (--timeout {cfg.timeout:g} s) during {_PHASE[0]}: "
-                "another rank stopped responding (frozen, killed, out of memory, or far slower); the newest "
+                + (f"{who}; " if who else "another rank stopped responding (frozen, killed, out of memory, or far "
+                                         "slower); ") + "the newest "
                 f"checkpoint in {os.path.join(cfg.out_dir, 'checkpoints')!r} resumes the run; raise --timeout if a "
                 "rank is merely slow (large checkpoints on slow disks)") from e
         raise
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         # After a failure other ranks may be stuck or gone: tearing down could wait on them.
         if created_pg and dist.is_initialized() and clean:
             _leave_together(cfg.timeout)
@@ -447,6 +642,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
         raise ValueError(f"precision: bf16 is not supported on {device}")
     cfg.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.supports_bf16(device))
 
+    _check_ranks_agree(cfg)
     _probe_out_dir(out_dir, rank)
 
     # ---- resume decision (rank 0 decides, everyone follows; also its refusal, so that
@@ -459,10 +655,11 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     def pick(start, cands_box=[]):
         if start == 0:
             cands_box[:] = _resume_candidates(cfg, ckpt_root)
-        idx = _pick_checkpoint(cfg, cands_box, start, reasons, ckpt_root)
+        idx = _pick_checkpoint(cfg, cands_box, start, reasons, ckpt_root, ckpt.signing_key())
         return (list(cands_box), idx)
 
     cands, idx = _decide(lambda: pick(0))
+    sign_key = ckpt.signing_key() if is_main else None   # rank 0 signs (it verified the key in pick)
     ckpt.barrier()
     resume_path = cands[idx] if idx is not None else None
     resume_state = None
@@ -505,15 +702,18 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             engine.load(resume_path)
             data.train.load_state_dict(resume_state["per_rank"][rank]["data"])
             ckpt.set_rng_state(resume_state["per_rank"][rank]["rng"], device)
-        except Exception as e:
-            err = f"rank {rank}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+        except BaseException as e:   # also DCP's CheckpointException, which is not an Exception
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            err = f"rank {rank}: {_load_error(e)}"
         errors = _gather_obj(err)
         errors = [e for e in errors if e is not None]
         if not errors:
             start_step = int(resume_state["step"])
-            if is_main and changed_on_resume:
-                _event(out_dir, "resume: applying changed settings (checkpoint -> now): "
-                                + ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in sorted(changed_on_resume.items())))
+            if any(k in _SELECTION_SETTINGS for k in changed_on_resume):
+                _apply_selection_settings(engine.optimizer, cfg)
+            if is_main:
+                _report_resume(out_dir, resume_path, start_step, changed_on_resume)
             break
         why = "verifies against its manifest but does not load (" + "; ".join(errors) + ")"
         if cfg.resume not in ("auto", "latest"):
@@ -594,17 +794,17 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
     engine.train(True)
     while step < cfg.steps:
         lr = engine.lr
-        _PHASE[0] = f"step {step + 1} (forward, backward, gradient reduction)"
+        _set_phase(f"step {step + 1} (forward, backward, gradient reduction)")
         for micro in range(cfg.grad_accum):
             ids = data.train.next_micro()
             if int(ids.max()) >= vocab:
                 raise ValueError(f"vocab_size: token id {int(ids.max())} >= model vocab {vocab}; pass --vocab-size auto")
             loss_acc += engine.forward_backward(ids, last=micro == cfg.grad_accum - 1)
             n_acc += 1
-        _PHASE[0] = f"step {step + 1} (clipping and optimizer step)"
+        _set_phase(f"step {step + 1} (clipping and optimizer step)")
         gnorm = engine.step()
         step += 1
-        _PHASE[0] = f"logging of step {step}"
+        _set_phase(f"logging of step {step}")
         steps_since += 1
         if engine.skipped:
             skipped_total, skipped_run = skipped_total + 1, skipped_run + 1
@@ -648,7 +848,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             pbar.update(1)
 
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            _PHASE[0] = f"evaluation at step {step}"
+            _set_phase(f"evaluation at step {step}")
             vl = _evaluate(engine, data.val, cfg.eval_micro_batch, device)
             rec = {"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 50.0)), "train_s": train_time}
             metrics.log(rec)
@@ -663,8 +863,8 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
             state = {"step": step, "fingerprint": fingerprint(cfg), "world_size": world, "name": cfg.name,
                      "settings": _resume_settings(cfg), "skipped_steps": skipped_total, "vocab_size": vocab,
                      "per_rank": {"data": data.train.state_dict(), "rng": ckpt.rng_state(device)}}
-            _PHASE[0] = f"checkpoint of step {step}"
-            ckpt.save_checkpoint(ckpt_root, step, engine, state, rank, cfg.keep_checkpoints)
+            _set_phase(f"checkpoint of step {step}")
+            ckpt.save_checkpoint(ckpt_root, step, engine, state, rank, cfg.keep_checkpoints, key=sign_key)
             t_mark = time.perf_counter()
 
     if pbar is not None:
