@@ -12,7 +12,12 @@ ratios compare like with like:
   tensor ``torch.topk`` of the scores, then a scatter into a mask);
 * ``MGUPAdamW`` (top-K), ``CMGUPAdamW`` (cautious), ``MGUPLion``, ``MGUPMuon`` with
   ``foreach=True``, eager and (rows ``+compile``) with ``compile=True``: fused
-  ``torch.compile`` kernels and a threshold select (Muon: its AdamW-fallback params).
+  ``torch.compile`` kernels and a threshold select (Muon: its AdamW-fallback params);
+* ``Muon+AdamW(torch)``, with any Muon row: ``torch.optim.Muon`` on the same matrices
+  (Moonlight's lr adjustment, Newton-Schulz in bfloat16) and ``torch.optim.AdamW(foreach=True)``
+  on the embedding, lm_head and norms, as ``MGUPMuon`` splits them; the Muon rows' ``x torch
+  Muon`` column divides by it.  ``MGUPMuon`` runs Newton-Schulz in bfloat16 too by default
+  (``ns_dtype="auto"``): the ratio compares like with like.
 
 The table reports the median step time after warm-up (compilation, state allocation and
 first-touch of memory happen in the warm-up steps) and its ratio to the fused and the
@@ -30,7 +35,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["MODELS", "llama_shapes", "NaiveTopkMGUPAdamW", "run_bench", "format_table", "main"]
+__all__ = ["MODELS", "llama_shapes", "NaiveTopkMGUPAdamW", "TorchMuonAdamW", "run_bench", "format_table", "main"]
 
 
 # --------------------------------------------------------------------------- shapes
@@ -111,6 +116,25 @@ class NaiveTopkMGUPAdamW(torch.optim.Optimizer):
         return loss
 
 
+class TorchMuonAdamW:
+    """``torch.optim.Muon`` on the matrices and ``torch.optim.AdamW(foreach=True)`` on the
+    other params, stepped together: the baseline of the ``MGUPMuon`` rows (the same split
+    of the params, Moonlight's ``0.2*sqrt(max(A, B))`` lr adjustment)."""
+
+    def __init__(self, matrices, rest, lr=2e-2, weight_decay=0.0, momentum=0.95, betas=(0.9, 0.95)):
+        self.opts = [torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
+                                      adjust_lr_fn="match_rms_adamw")]
+        if rest:
+            self.opts.append(torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True))
+        self.state = {k: v for o in self.opts for k, v in o.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for o in self.opts:
+            o.step()
+        self.state = {k: v for o in self.opts for k, v in o.state.items()}
+
+
 # ------------------------------------------------------------------------ timing
 @dataclass
 class Row:
@@ -120,6 +144,7 @@ class Row:
     times_ms: List[float]
     vs_fused: float = float("nan")
     vs_foreach: float = float("nan")
+    vs_muon: float = float("nan")  # Muon rows: x torch.optim.Muon (+ AdamW for the rest)
     naive_speedup: float = float("nan")
     state_bpp: float = float("nan")  # optimizer state, bytes per parameter
     held_bpp: float = float("nan")  # state + buffers kept between steps (CPU scratch), bytes per parameter
@@ -247,6 +272,10 @@ def run_bench(
     for name, make in facts.items():
         ratios = [None] if name in _RATIO_FREE else list(mask_ratios)
         muon = "Muon" in name
+        if muon and not any(row.name == "Muon+AdamW(torch)" for row in rows):  # the baseline, before the first Muon row
+            matrices = [p for p in params if p.ndim == 2 and not any(p is q for q in adamw_only)]
+            rest = [p for p in params if not any(p is q for q in matrices)]
+            rows.append(measure("Muon+AdamW(torch)", None, lambda: TorchMuonAdamW(matrices, rest), muon_steps))
         # Muon's matrices have no compiled path (compile=True only fuses its AdamW-fallback
         # params): one eager row unless compile rows alone were asked for.
         modes = [c for c in compile_modes if not (muon and c and False in compile_modes)]
@@ -258,6 +287,8 @@ def run_bench(
 
     base = {row.name: row.median_ms for row in rows if row.mask_ratio is None}
     for row in rows:
+        if "Muon" in row.name and "Muon+AdamW(torch)" in base:
+            row.vs_muon = row.median_ms / base["Muon+AdamW(torch)"]
         if "AdamW(fused)" in base:
             row.vs_fused = row.median_ms / base["AdamW(fused)"]
         row.vs_foreach = row.median_ms / base["AdamW(foreach)"]
@@ -266,7 +297,7 @@ def run_bench(
     return rows
 
 
-HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "speed-up vs naive",
+HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "x torch Muon", "speed-up vs naive",
           "state B/param", "held B/param", "step peak MB")
 
 
@@ -277,7 +308,7 @@ def format_table(rows: Iterable[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     for r in rows:
         cells = (r.name, f(r.mask_ratio, "g"), f(r.median_ms, ".1f"), f(r.vs_fused, ".2f") + "x",
-                 f(r.vs_foreach, ".2f") + "x", f(r.naive_speedup, ".1f") + "x", f(r.state_bpp, ".2f"),
+                 f(r.vs_foreach, ".2f") + "x", f(r.vs_muon, ".2f") + "x", f(r.naive_speedup, ".1f") + "x", f(r.state_bpp, ".2f"),
                  f(r.held_bpp, ".2f"), f(r.peak_mb, ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -15,7 +15,8 @@ check that the step is free of host synchronisation.
 
 Rows: ``backend="torch"`` (the NPU path and every device without Triton) and
 ``backend="triton"`` (the CUDA path), after one warm-up step (state allocation, cached
-tables), for ``MGUPAdamW``, ``CMGUPAdamW``, ``MGUPLion`` and ``torch.optim.AdamW(foreach=True)``.
+tables), for ``MGUPAdamW``, ``CMGUPAdamW``, ``MGUPLion``, ``MGUPMuon``, ``CMGUPMuon`` (embedding
+and lm_head in Muon's AdamW group) and ``torch.optim.AdamW(foreach=True)``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["OpCounter", "count_step", "model_params", "main"]
+__all__ = ["OpCounter", "count_step", "model_params", "muon_adamw_params", "main"]
 
 _FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh")
 
@@ -109,8 +110,14 @@ def count_step(make: Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer]
     return {"aten": aten, "triton": tri, "total": aten + tri, "ops": ops}
 
 
-def _rows(capturable: bool) -> List[Tuple[str, str, Callable]]:
-    from .optim import CMGUPAdamW, MGUPAdamW, MGUPLion
+def muon_adamw_params(params: List[torch.nn.Parameter], split: int = 1) -> List[torch.nn.Parameter]:
+    """The embedding and lm_head pieces of ``model_params(model, split)`` (its first and last
+    ``split`` tensors): AdamW inside MGUPMuon (Moonlight's practice, as ``mgup_dist.bench``)."""
+    return params[:split] + params[-split:]
+
+
+def _rows(capturable: bool, split: int = 1) -> List[Tuple[str, str, Callable]]:
+    from .optim import CMGUPAdamW, CMGUPMuon, MGUPAdamW, MGUPLion, MGUPMuon
 
     rows = []
     for backend in ("torch", "triton"):
@@ -120,6 +127,9 @@ def _rows(capturable: bool) -> List[Tuple[str, str, Callable]]:
             (backend, "CMGUPAdamW", lambda ps, kw=kw: CMGUPAdamW(ps, lr=1e-3, **kw)),
             (backend, "MGUPLion", lambda ps, kw=kw: MGUPLion(ps, lr=1e-4, **kw)),
         ]
+        if not capturable:  # MGUPMuon has no capturable option
+            rows += [(backend, cls.__name__, lambda ps, cls=cls, b=backend: cls(ps, adamw_params=muon_adamw_params(ps, split), backend=b))
+                     for cls in (MGUPMuon, CMGUPMuon)]
     rows.append(("torch", "AdamW(foreach=True)",
                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True, capturable=capturable)))
     return rows
@@ -137,10 +147,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[str, str, Dict]]:
     if args.split < 1:
         raise SystemExit(f"--split must be >= 1, got {args.split}")
     out = []
-    n_t = len(model_params(args.model, args.split))
-    print(f"{args.model}: {n_t} tensors, split {args.split}, capturable={args.capturable}; ops of one step on 'meta'")
+    ps = model_params(args.model, args.split)
+    skip = {id(p) for p in muon_adamw_params(ps, args.split)}
+    n_shapes = len({tuple(p.shape) for p in ps if p.ndim == 2 and id(p) not in skip})
+    print(f"{args.model}: {len(ps)} tensors, split {args.split}, capturable={args.capturable}; ops of one step on 'meta'"
+          f" (Muon: {n_shapes} distinct matrix shapes; embedding and lm_head in its AdamW group)")
     print(f"{'backend':8} {'optimizer':22} {'aten':>6} {'triton':>7} {'total':>6}")
-    for backend, name, make in _rows(args.capturable):
+    for backend, name, make in _rows(args.capturable, args.split):
         if backend == "triton":
             try:
                 from .kernels import triton_cuda  # noqa: F401

@@ -894,8 +894,8 @@ class MGUPMuon(MGUPAdamW):
     matrix (pieces held by other ranks are gathered), ``p *= 1 - lr*wd``,
     ``p -= lr * 0.2*sqrt(max(A,B)) * phi * u``.  Other params: MGUP-AdamW with
     ``betas``/``eps`` and the same lr.  ``ns_dtype``: the dtype Newton-Schulz runs in
-    ("auto": bfloat16 on CUDA as Muon's authors do, the param dtype (fp32 for half
-    params) elsewhere; "param"; or a torch dtype).
+    ("auto": bfloat16 on every device, as ``torch.optim.Muon``; "param": the param dtype,
+    fp32 for half params; or a floating torch dtype).  Same-shape matrices run it batched.
     """
 
     def __init__(

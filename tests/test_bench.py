@@ -44,12 +44,13 @@ def _check_table(capsys):
         ("AdamW(fused)", None), ("AdamW(foreach)", None),
         ("naive topk+scatter", 0.25), ("naive topk+scatter", 0.5),
         ("MGUPAdamW", 0.25), ("MGUPAdamW", 0.5), ("CMGUPAdamW", None),
-        ("MGUPLion", 0.25), ("MGUPLion", 0.5), ("MGUPMuon", 0.25), ("MGUPMuon", 0.5),
+        ("MGUPLion", 0.25), ("MGUPLion", 0.5), ("Muon+AdamW(torch)", None), ("MGUPMuon", 0.25), ("MGUPMuon", 0.5),
     ]
     assert len(lines) == 2 + len(rows)
     for r in rows:
         assert len(r.times_ms) == (1 if r.name.startswith("naive") or "Muon" in r.name else 2)
         assert r.median_ms > 0 and math.isfinite(r.vs_fused) and math.isfinite(r.naive_speedup)
+        assert math.isfinite(r.vs_muon) == ("Muon" in r.name), r  # the Muon rows against torch.optim.Muon
     fused = rows[0]
     assert fused.vs_fused == 1.0 and rows[1].vs_foreach == 1.0
     assert torch.get_num_threads() == 1
