@@ -16,7 +16,8 @@ ratios compare like with like:
 * ``Muon+AdamW(torch)``, with any Muon row: ``torch.optim.Muon`` on the same matrices
   (Moonlight's lr adjustment, Newton-Schulz in bfloat16) and ``torch.optim.AdamW(foreach=True)``
   on the embedding, lm_head and norms, as ``MGUPMuon`` splits them; the Muon rows' ``x torch
-  Muon`` column divides by it.  ``MGUPMuon`` runs Newton-Schulz in bfloat16 too by default
+  Muon`` column divides by it.  The Muon rows and this baseline are timed interleaved (one step
+  of each in turn), so that a change of the machine's load hits all of them alike.  ``MGUPMuon`` runs Newton-Schulz in bfloat16 too by default
   (``ns_dtype="auto"``): the ratio compares like with like.
 
 The table reports the median step time after warm-up (compilation, state allocation and
@@ -245,18 +246,32 @@ def run_bench(
         f"threads {torch.get_num_threads()}")
 
     def measure(name, ratio, make, n_steps, n_warmup=warmup, compiled=False):
+        return measure_together([(name, ratio, make, compiled)], n_steps, n_warmup)[0]
+
+    def measure_together(entries, n_steps, n_warmup=warmup):
+        """Time the optimizers of ``entries`` (name, ratio, make, compiled) step by step in
+        turn, so that a change of the machine's load hits all of them alike; then one more
+        untimed step each for the memory peak."""
         from mgup_dist.memory import held_bytes, state_bytes, step_peak_bytes
 
-        opt = make()
-        times = _time_steps(opt, n_steps, n_warmup, dev)
-        peak = step_peak_bytes(opt.step, dev, compiled)  # one more step, untimed
-        row = Row(name, ratio, statistics.median(times), times, state_bpp=state_bytes(opt) / n_params,
-                  held_bpp=held_bytes(opt) / n_params, peak_mb=peak / 2**20)
-        del opt
+        opts = [make() for _, _, make, _ in entries]
+        times = [[] for _ in opts]
+        for opt in opts:
+            _time_steps(opt, 0, n_warmup, dev)  # warm-up only
+        for _ in range(n_steps):
+            for opt, ts in zip(opts, times):
+                ts += _time_steps(opt, 1, 0, dev)
+        out = []
+        for (name, ratio, _, compiled), opt, ts in zip(entries, opts, times):
+            peak = step_peak_bytes(opt.step, dev, compiled)  # one more step, untimed
+            row = Row(name, ratio, statistics.median(ts), ts, state_bpp=state_bytes(opt) / n_params,
+                      held_bpp=held_bytes(opt) / n_params, peak_mb=peak / 2**20)
+            log(f"  {name:<24} mask_ratio={'-' if ratio is None else ratio}: {row.median_ms:9.1f} ms, "
+                f"state {row.state_bpp:.2f} B/param, held {row.held_bpp:.2f} B/param, step peak +{row.peak_mb:.1f} MB")
+            out.append(row)
+        del opts
         gc.collect()
-        log(f"  {name:<24} mask_ratio={'-' if ratio is None else ratio}: {row.median_ms:9.1f} ms, "
-            f"state {row.state_bpp:.2f} B/param, held {row.held_bpp:.2f} B/param, step peak +{row.peak_mb:.1f} MB")
-        return row
+        return out
 
     rows: List[Row] = []
     if fused_adamw_available(dev):
@@ -269,21 +284,28 @@ def run_bench(
         naive[r] = row.median_ms
         rows.append(row)
     facts = _factories(optimizers, adamw_only)
+    muon_rows, muon_at = [], None
     for name, make in facts.items():
         ratios = [None] if name in _RATIO_FREE else list(mask_ratios)
         muon = "Muon" in name
-        if muon and not any(row.name == "Muon+AdamW(torch)" for row in rows):  # the baseline, before the first Muon row
+        if muon and muon_at is None:  # the baseline first: torch.optim.Muon + AdamW on the same split
+            muon_at = len(rows)
             matrices = [p for p in params if p.ndim == 2 and not any(p is q for q in adamw_only)]
             rest = [p for p in params if not any(p is q for q in matrices)]
-            rows.append(measure("Muon+AdamW(torch)", None, lambda: TorchMuonAdamW(matrices, rest), muon_steps))
+            muon_rows.append(("Muon+AdamW(torch)", None, lambda: TorchMuonAdamW(matrices, rest), False))
         # Muon's matrices have no compiled path (compile=True only fuses its AdamW-fallback
         # params): one eager row unless compile rows alone were asked for.
         modes = [c for c in compile_modes if not (muon and c and False in compile_modes)]
         for c in modes:
             for r in ratios:
                 label = name + ("+compile" if c else "")
-                rows.append(measure(label, r, lambda: make(params, 0.5 if r is None else r, c),
-                                    muon_steps if muon else steps, compiled=c))
+                build = lambda r=r, c=c, make=make: make(params, 0.5 if r is None else r, c)  # noqa: E731
+                if muon:
+                    muon_rows.append((label, r, build, c))
+                else:
+                    rows.append(measure(label, r, build, steps, compiled=c))
+    if muon_rows:  # the Muon rows and their baseline interleaved, step by step: one ratio, one run
+        rows[muon_at:muon_at] = measure_together(muon_rows, muon_steps)
 
     base = {row.name: row.median_ms for row in rows if row.mask_ratio is None}
     for row in rows:

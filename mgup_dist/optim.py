@@ -920,6 +920,7 @@ class MGUPMuon(MGUPAdamW):
         convention: str = "torch",
         maximize: bool = False,
         ns_dtype="auto",
+        capturable: bool = False,
         backend: str = "auto",
         foreach: Optional[bool] = None,
         compile: bool = False,
@@ -954,6 +955,7 @@ class MGUPMuon(MGUPAdamW):
             alpha=alpha, gamma=gamma, tau=tau, scope=scope, normalize=normalize, convention=convention,
             maximize=maximize, backend=backend, foreach=foreach, compile=compile, chunk_elems=chunk_elems,
             momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, use_muon=None,
+            capturable=capturable,
         )
         _MGUPOptimizer.__init__(self, params, defaults, fp32_state)
 
