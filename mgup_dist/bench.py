@@ -152,7 +152,13 @@ class Row:
     peak_mb: float = float("nan")  # extra memory at the peak of one step, MB
 
 
-def _time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int, device: torch.device) -> List[float]:
+#: ``--clock``: wall time, or the process's CPU time (on a CPU shared with other jobs, the work
+#: of a one-thread step without the time it waited for a core)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int, device: torch.device,
+                clock: Callable[[], float] = time.perf_counter) -> List[float]:
     from mgup_dist.device import synchronize
 
     for _ in range(warmup):
@@ -160,10 +166,10 @@ def _time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int, device: tor
     synchronize(device)
     out = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.step()
         synchronize(device)
-        out.append((time.perf_counter() - t0) * 1e3)
+        out.append((clock() - t0) * 1e3)
     return out
 
 
@@ -215,12 +221,16 @@ def run_bench(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
+    clock: str = "wall",
 ) -> List[Row]:
     """Time every optimizer on the model's shapes; returns the rows of the table."""
     from mgup_dist.device import fused_adamw_available, resolve_device
 
     if model not in MODELS:
         raise ValueError(f"model: unknown {model!r}; allowed: {', '.join(MODELS)}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock: unknown {clock!r}; allowed: {', '.join(CLOCKS)}")
+    tick = CLOCKS[clock]
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     for r in mask_ratios:
@@ -243,7 +253,7 @@ def run_bench(
     adamw_only = [params[0], params[-1]]  # embedding and lm_head: AdamW inside Muon (Moonlight practice)
     n_params = sum(p.numel() for p in params)
     log(f"{model}: {len(params)} tensors, {n_params / 1e6:.1f}M params, {dtype}, device {dev}, "
-        f"threads {torch.get_num_threads()}")
+        f"threads {torch.get_num_threads()}, clock {clock}")
 
     def measure(name, ratio, make, n_steps, n_warmup=warmup, compiled=False):
         return measure_together([(name, ratio, make, compiled)], n_steps, n_warmup)[0]
@@ -260,7 +270,7 @@ def run_bench(
             _time_steps(opt, 0, n_warmup, dev)  # warm-up only
         for _ in range(n_steps):
             for opt, ts in zip(opts, times):
-                ts += _time_steps(opt, 1, 0, dev)
+                ts += _time_steps(opt, 1, 0, dev, tick)
         out = []
         for (name, ratio, _, compiled), opt, ts in zip(entries, opts, times):
             peak = step_peak_bytes(opt.step, dev, compiled)  # one more step, untimed
@@ -357,6 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     ap.add_argument("--device", default=None, help="cpu | cuda | npu | auto (default: auto)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time (default), or the process's CPU time: on a CPU shared with other jobs, the "
+                         "work of a step without its waits for a core (meaningful with --threads 1)")
     ap.add_argument("--quiet", action="store_true", help="print only the table")
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -368,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         model=args.model, mask_ratios=args.mask_ratio, steps=args.steps, warmup=args.warmup,
         naive_steps=args.naive_steps, muon_steps=args.muon_steps, optimizers=args.optimizers, device=args.device,
         compile_modes={"off": (False,), "on": (True,), "both": (False, True)}[args.compile],
-        dtype=getattr(torch, args.dtype), seed=args.seed, log=log,
+        dtype=getattr(torch, args.dtype), seed=args.seed, log=log, clock=args.clock,
     )
     print(format_table(rows), flush=True)
     return rows

@@ -128,6 +128,7 @@ def _muon_hook(st: GroupStep, hp) -> Callable:
                     a = offsets[pc.tensor] + pc.gstart
                     full[a: a + pc.length].copy_(u)
             all_reduce_sum(full, chunk.group)
+            assert len(chunk.tensor_shapes) == len(chunk.tensor_holders) == len(chunk.tensors), "plan without holders"
             for i, ((_, numel), shape, holders) in enumerate(zip(chunk.tensors, chunk.tensor_shapes, chunk.tensor_holders)):
                 if holders is None:
                     continue  # no piece here: the holders orthogonalise it

@@ -35,7 +35,7 @@ def test_bench_prints_the_table(capsys):
 def _check_table(capsys):
     rows = bench.main(["--model", "tiny", "--steps", "2", "--warmup", "1", "--naive-steps", "1",
                        "--muon-steps", "1", "--mask-ratio", "0.25", "0.5", "--threads", "1",
-                       "--compile", "off", "--quiet"])
+                       "--compile", "off", "--quiet", "--clock", "cpu"])
     out = capsys.readouterr().out
     lines = [l for l in out.splitlines() if l.startswith("|")]
     assert lines[0] == "| " + " | ".join(bench.HEADER) + " |"
@@ -79,6 +79,8 @@ def test_bad_arguments():
         bench.run_bench("tiny", mask_ratios=(1.5,))
     with pytest.raises(ValueError, match="optimizers"):
         bench.run_bench("tiny", steps=1, warmup=0, naive_steps=1, optimizers=("SGD",))
+    with pytest.raises(ValueError, match="clock"):
+        bench.run_bench("tiny", steps=1, warmup=0, naive_steps=1, clock="gpu")
     with pytest.raises(SystemExit):
         bench.main(["--model", "gpt5"])
 
