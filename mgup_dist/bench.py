@@ -12,7 +12,13 @@ ratios compare like with like:
   tensor ``torch.topk`` of the scores, then a scatter into a mask);
 * ``MGUPAdamW`` (top-K), ``CMGUPAdamW`` (cautious), ``MGUPLion``, ``MGUPMuon`` with
   ``foreach=True``, eager and (rows ``+compile``) with ``compile=True``: fused
-  ``torch.compile`` kernels and a threshold select (Muon: its AdamW-fallback params).
+  ``torch.compile`` kernels and a threshold select (Muon: its AdamW-fallback params);
+* ``Muon+AdamW(torch)``, with any Muon row: ``torch.optim.Muon`` on the same matrices
+  (Moonlight's lr adjustment, Newton-Schulz in bfloat16) and ``torch.optim.AdamW(foreach=True)``
+  on the embedding, lm_head and norms, as ``MGUPMuon`` splits them; the Muon rows' ``x torch
+  Muon`` column divides by it.  The Muon rows and this baseline are timed interleaved (one step
+  of each in turn), so that a change of the machine's load hits all of them alike.  ``MGUPMuon`` runs Newton-Schulz in bfloat16 too by default
+  (``ns_dtype="auto"``): the ratio compares like with like.
 
 The table reports the median step time after warm-up (compilation, state allocation and
 first-touch of memory happen in the warm-up steps) and its ratio to the fused and the
@@ -30,7 +36,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["MODELS", "llama_shapes", "NaiveTopkMGUPAdamW", "run_bench", "format_table", "main"]
+__all__ = ["MODELS", "llama_shapes", "NaiveTopkMGUPAdamW", "TorchMuonAdamW", "run_bench", "format_table", "main"]
 
 
 # --------------------------------------------------------------------------- shapes
@@ -111,6 +117,25 @@ class NaiveTopkMGUPAdamW(torch.optim.Optimizer):
         return loss
 
 
+class TorchMuonAdamW:
+    """``torch.optim.Muon`` on the matrices and ``torch.optim.AdamW(foreach=True)`` on the
+    other params, stepped together: the baseline of the ``MGUPMuon`` rows (the same split
+    of the params, Moonlight's ``0.2*sqrt(max(A, B))`` lr adjustment)."""
+
+    def __init__(self, matrices, rest, lr=2e-2, weight_decay=0.0, momentum=0.95, betas=(0.9, 0.95)):
+        self.opts = [torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
+                                      adjust_lr_fn="match_rms_adamw")]
+        if rest:
+            self.opts.append(torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True))
+        self.state = {k: v for o in self.opts for k, v in o.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for o in self.opts:
+            o.step()
+        self.state = {k: v for o in self.opts for k, v in o.state.items()}
+
+
 # ------------------------------------------------------------------------ timing
 @dataclass
 class Row:
@@ -120,13 +145,20 @@ class Row:
     times_ms: List[float]
     vs_fused: float = float("nan")
     vs_foreach: float = float("nan")
+    vs_muon: float = float("nan")  # Muon rows: x torch.optim.Muon (+ AdamW for the rest)
     naive_speedup: float = float("nan")
     state_bpp: float = float("nan")  # optimizer state, bytes per parameter
     held_bpp: float = float("nan")  # state + buffers kept between steps (CPU scratch), bytes per parameter
     peak_mb: float = float("nan")  # extra memory at the peak of one step, MB
 
 
-def _time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int, device: torch.device) -> List[float]:
+#: ``--clock``: wall time, or the process's CPU time (on a CPU shared with other jobs, the work
+#: of a one-thread step without the time it waited for a core)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int, device: torch.device,
+                clock: Callable[[], float] = time.perf_counter) -> List[float]:
     from mgup_dist.device import synchronize
 
     for _ in range(warmup):
@@ -134,10 +166,10 @@ def _time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int, device: tor
     synchronize(device)
     out = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.step()
         synchronize(device)
-        out.append((time.perf_counter() - t0) * 1e3)
+        out.append((clock() - t0) * 1e3)
     return out
 
 
@@ -189,12 +221,16 @@ def run_bench(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
+    clock: str = "wall",
 ) -> List[Row]:
     """Time every optimizer on the model's shapes; returns the rows of the table."""
     from mgup_dist.device import fused_adamw_available, resolve_device
 
     if model not in MODELS:
         raise ValueError(f"model: unknown {model!r}; allowed: {', '.join(MODELS)}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock: unknown {clock!r}; allowed: {', '.join(CLOCKS)}")
+    tick = CLOCKS[clock]
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     for r in mask_ratios:
@@ -217,21 +253,35 @@ def run_bench(
     adamw_only = [params[0], params[-1]]  # embedding and lm_head: AdamW inside Muon (Moonlight practice)
     n_params = sum(p.numel() for p in params)
     log(f"{model}: {len(params)} tensors, {n_params / 1e6:.1f}M params, {dtype}, device {dev}, "
-        f"threads {torch.get_num_threads()}")
+        f"threads {torch.get_num_threads()}, clock {clock}")
 
     def measure(name, ratio, make, n_steps, n_warmup=warmup, compiled=False):
+        return measure_together([(name, ratio, make, compiled)], n_steps, n_warmup)[0]
+
+    def measure_together(entries, n_steps, n_warmup=warmup):
+        """Time the optimizers of ``entries`` (name, ratio, make, compiled) step by step in
+        turn, so that a change of the machine's load hits all of them alike; then one more
+        untimed step each for the memory peak."""
         from mgup_dist.memory import held_bytes, state_bytes, step_peak_bytes
 
-        opt = make()
-        times = _time_steps(opt, n_steps, n_warmup, dev)
-        peak = step_peak_bytes(opt.step, dev, compiled)  # one more step, untimed
-        row = Row(name, ratio, statistics.median(times), times, state_bpp=state_bytes(opt) / n_params,
-                  held_bpp=held_bytes(opt) / n_params, peak_mb=peak / 2**20)
-        del opt
+        opts = [make() for _, _, make, _ in entries]
+        times = [[] for _ in opts]
+        for opt in opts:
+            _time_steps(opt, 0, n_warmup, dev)  # warm-up only
+        for _ in range(n_steps):
+            for opt, ts in zip(opts, times):
+                ts += _time_steps(opt, 1, 0, dev, tick)
+        out = []
+        for (name, ratio, _, compiled), opt, ts in zip(entries, opts, times):
+            peak = step_peak_bytes(opt.step, dev, compiled)  # one more step, untimed
+            row = Row(name, ratio, statistics.median(ts), ts, state_bpp=state_bytes(opt) / n_params,
+                      held_bpp=held_bytes(opt) / n_params, peak_mb=peak / 2**20)
+            log(f"  {name:<24} mask_ratio={'-' if ratio is None else ratio}: {row.median_ms:9.1f} ms, "
+                f"state {row.state_bpp:.2f} B/param, held {row.held_bpp:.2f} B/param, step peak +{row.peak_mb:.1f} MB")
+            out.append(row)
+        del opts
         gc.collect()
-        log(f"  {name:<24} mask_ratio={'-' if ratio is None else ratio}: {row.median_ms:9.1f} ms, "
-            f"state {row.state_bpp:.2f} B/param, held {row.held_bpp:.2f} B/param, step peak +{row.peak_mb:.1f} MB")
-        return row
+        return out
 
     rows: List[Row] = []
     if fused_adamw_available(dev):
@@ -244,20 +294,33 @@ def run_bench(
         naive[r] = row.median_ms
         rows.append(row)
     facts = _factories(optimizers, adamw_only)
+    muon_rows, muon_at = [], None
     for name, make in facts.items():
         ratios = [None] if name in _RATIO_FREE else list(mask_ratios)
         muon = "Muon" in name
+        if muon and muon_at is None:  # the baseline first: torch.optim.Muon + AdamW on the same split
+            muon_at = len(rows)
+            matrices = [p for p in params if p.ndim == 2 and not any(p is q for q in adamw_only)]
+            rest = [p for p in params if not any(p is q for q in matrices)]
+            muon_rows.append(("Muon+AdamW(torch)", None, lambda: TorchMuonAdamW(matrices, rest), False))
         # Muon's matrices have no compiled path (compile=True only fuses its AdamW-fallback
         # params): one eager row unless compile rows alone were asked for.
         modes = [c for c in compile_modes if not (muon and c and False in compile_modes)]
         for c in modes:
             for r in ratios:
                 label = name + ("+compile" if c else "")
-                rows.append(measure(label, r, lambda: make(params, 0.5 if r is None else r, c),
-                                    muon_steps if muon else steps, compiled=c))
+                build = lambda r=r, c=c, make=make: make(params, 0.5 if r is None else r, c)  # noqa: E731
+                if muon:
+                    muon_rows.append((label, r, build, c))
+                else:
+                    rows.append(measure(label, r, build, steps, compiled=c))
+    if muon_rows:  # the Muon rows and their baseline interleaved, step by step: one ratio, one run
+        rows[muon_at:muon_at] = measure_together(muon_rows, muon_steps)
 
     base = {row.name: row.median_ms for row in rows if row.mask_ratio is None}
     for row in rows:
+        if "Muon" in row.name and "Muon+AdamW(torch)" in base:
+            row.vs_muon = row.median_ms / base["Muon+AdamW(torch)"]
         if "AdamW(fused)" in base:
             row.vs_fused = row.median_ms / base["AdamW(fused)"]
         row.vs_foreach = row.median_ms / base["AdamW(foreach)"]
@@ -266,7 +329,7 @@ def run_bench(
     return rows
 
 
-HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "speed-up vs naive",
+HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "x torch Muon", "speed-up vs naive",
           "state B/param", "held B/param", "step peak MB")
 
 
@@ -277,7 +340,7 @@ def format_table(rows: Iterable[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     for r in rows:
         cells = (r.name, f(r.mask_ratio, "g"), f(r.median_ms, ".1f"), f(r.vs_fused, ".2f") + "x",
-                 f(r.vs_foreach, ".2f") + "x", f(r.naive_speedup, ".1f") + "x", f(r.state_bpp, ".2f"),
+                 f(r.vs_foreach, ".2f") + "x", f(r.vs_muon, ".2f") + "x", f(r.naive_speedup, ".1f") + "x", f(r.state_bpp, ".2f"),
                  f(r.held_bpp, ".2f"), f(r.peak_mb, ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -304,6 +367,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     ap.add_argument("--device", default=None, help="cpu | cuda | npu | auto (default: auto)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time (default), or the process's CPU time: on a CPU shared with other jobs, the "
+                         "work of a step without its waits for a core (meaningful with --threads 1)")
     ap.add_argument("--quiet", action="store_true", help="print only the table")
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -315,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         model=args.model, mask_ratios=args.mask_ratio, steps=args.steps, warmup=args.warmup,
         naive_steps=args.naive_steps, muon_steps=args.muon_steps, optimizers=args.optimizers, device=args.device,
         compile_modes={"off": (False,), "on": (True,), "both": (False, True)}[args.compile],
-        dtype=getattr(torch, args.dtype), seed=args.seed, log=log,
+        dtype=getattr(torch, args.dtype), seed=args.seed, log=log, clock=args.clock,
     )
     print(format_table(rows), flush=True)
     return rows

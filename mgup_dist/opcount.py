@@ -22,7 +22,8 @@ model on an H100).
 
 Rows: ``backend="torch"`` (the NPU path and every device without Triton) and
 ``backend="triton"`` (the CUDA path), after one warm-up step (state allocation, cached
-tables), for ``MGUPAdamW``, ``CMGUPAdamW``, ``MGUPLion`` and ``torch.optim.AdamW(foreach=True)``.
+tables), for ``MGUPAdamW``, ``CMGUPAdamW``, ``MGUPLion``, ``MGUPMuon``, ``CMGUPMuon`` (embedding
+and lm_head in Muon's AdamW group) and ``torch.optim.AdamW(foreach=True)``.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["OpCounter", "count_step", "model_params", "host_ms", "main"]
+__all__ = ["OpCounter", "count_step", "model_params", "muon_adamw_params", "host_ms", "main"]
 
 _FREE = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh")
 
@@ -116,6 +117,12 @@ def count_step(make: Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer]
     return {"aten": aten, "triton": tri, "total": aten + tri, "ops": ops}
 
 
+def muon_adamw_params(params: List[torch.nn.Parameter], split: int = 1) -> List[torch.nn.Parameter]:
+    """The embedding and lm_head pieces of ``model_params(model, split)`` (its first and last
+    ``split`` tensors): AdamW inside MGUPMuon (Moonlight's practice, as ``mgup_dist.bench``)."""
+    return params[:split] + params[-split:]
+
+
 def host_ms(make: Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer], model: str = "llama130m",
             split: int = 1, backend: str = "triton", steps: int = 20, warmup: int = 3) -> float:
     """Median thread CPU time (ms) of one step's host work (see the module doc)."""
@@ -146,8 +153,8 @@ def host_ms(make: Callable[[List[torch.nn.Parameter]], torch.optim.Optimizer], m
     return 1e3 * statistics.median(times)
 
 
-def _rows(capturable: bool, backends=("torch", "triton")) -> List[Tuple[str, str, Callable]]:
-    from .optim import CMGUPAdamW, MGUPAdamW, MGUPLion
+def _rows(capturable: bool, split: int = 1, backends=("torch", "triton")) -> List[Tuple[str, str, Callable]]:
+    from .optim import CMGUPAdamW, CMGUPMuon, MGUPAdamW, MGUPLion, MGUPMuon
 
     rows = []
     for backend in backends:
@@ -157,6 +164,9 @@ def _rows(capturable: bool, backends=("torch", "triton")) -> List[Tuple[str, str
             (backend, "CMGUPAdamW", lambda ps, kw=kw: CMGUPAdamW(ps, lr=1e-3, **kw)),
             (backend, "MGUPLion", lambda ps, kw=kw: MGUPLion(ps, lr=1e-4, **kw)),
         ]
+        if not capturable:  # MGUPMuon has no capturable option
+            rows += [(backend, cls.__name__, lambda ps, cls=cls, b=backend: cls(ps, adamw_params=muon_adamw_params(ps, split), backend=b))
+                     for cls in (MGUPMuon, CMGUPMuon)]
     rows.append(("torch", "AdamW(foreach=True)",
                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True, capturable=capturable)))
     return rows
@@ -174,10 +184,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Tuple[str, str, Dict]]:
     if args.split < 1:
         raise SystemExit(f"--split must be >= 1, got {args.split}")
     out = []
-    n_t = len(model_params(args.model, args.split))
-    print(f"{args.model}: {n_t} tensors, split {args.split}, capturable={args.capturable}; ops of one step on 'meta'")
+    ps = model_params(args.model, args.split)
+    skip = {id(p) for p in muon_adamw_params(ps, args.split)}
+    n_shapes = len({tuple(p.shape) for p in ps if p.ndim == 2 and id(p) not in skip})
+    print(f"{args.model}: {len(ps)} tensors, split {args.split}, capturable={args.capturable}; ops of one step on 'meta'"
+          f" (Muon: {n_shapes} distinct matrix shapes; embedding and lm_head in its AdamW group)")
     print(f"{'backend':8} {'optimizer':22} {'aten':>6} {'triton':>7} {'total':>6} {'host ms':>8}")
-    for backend, name, make in _rows(args.capturable):
+    for backend, name, make in _rows(args.capturable, args.split):
         if backend == "triton":
             try:
                 from .kernels import triton_cuda  # noqa: F401
@@ -205,7 +218,7 @@ def _host_or_none(args, backend, name):
     backend='torch', whose phases ``host_ms`` replaces by the Triton backend's)."""
     if name.startswith("AdamW") and args.capturable:
         return None  # torch's capturable AdamW wants its params on an accelerator
-    make = {n: m for b, n, m in _rows(args.capturable, backends=("torch",))}[name]
+    make = {n: m for b, n, m in _rows(args.capturable, args.split, backends=("torch",))}[name]
     return host_ms(make, args.model, args.split, backend)
 
 

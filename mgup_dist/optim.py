@@ -358,8 +358,8 @@ class MGUPMuon(MGUPAdamW):
     matrix (pieces held by other ranks are gathered), ``p *= 1 - lr*wd``,
     ``p -= lr * 0.2*sqrt(max(A,B)) * phi * u``.  Other params: MGUP-AdamW with
     ``betas``/``eps`` and the same lr.  ``ns_dtype``: the dtype Newton-Schulz runs in
-    ("auto": bfloat16 on CUDA as Muon's authors do, the param dtype (fp32 for half
-    params) elsewhere; "param"; or a torch dtype).
+    ("auto": bfloat16 on every device, as ``torch.optim.Muon``; "param": the param dtype,
+    fp32 for half params; or a floating torch dtype).  Same-shape matrices run it batched.
     """
 
     def __init__(
@@ -384,6 +384,7 @@ class MGUPMuon(MGUPAdamW):
         convention: str = "torch",
         maximize: bool = False,
         ns_dtype="auto",
+        capturable: bool = False,
         backend: str = "auto",
         foreach: Optional[bool] = None,
         compile: bool = False,
@@ -418,6 +419,7 @@ class MGUPMuon(MGUPAdamW):
             alpha=alpha, gamma=gamma, tau=tau, scope=scope, normalize=normalize, convention=convention,
             maximize=maximize, backend=backend, foreach=foreach, compile=compile, chunk_elems=chunk_elems,
             momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype, use_muon=None,
+            capturable=capturable,
         )
         _MGUPOptimizer.__init__(self, params, defaults, fp32_state)
 

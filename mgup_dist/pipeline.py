@@ -25,7 +25,7 @@ from .kernels import get_backend
 from .kernels.base import Bufs
 from .options import check_backend_device, lr_0d
 from .plan import build_plan, chunk_cap
-from .rules import RULES, Rule, muon_lr_scale, newton_schulz
+from .rules import RULES, Rule, muon_lr_scale, newton_schulz_batched
 
 __all__ = ["GroupStep", "step_group", "run_group"]
 
@@ -138,51 +138,82 @@ def _topk_denominator(hp, chunk, device) -> torch.Tensor:
 
 
 def _muon_hook(st: GroupStep, hp) -> Callable:
-    """u <- 0.2*sqrt(max(A,B)) * NS5(x) on each whole matrix.  Matrices split across ranks
-    are assembled with one all_reduce of zero-padded full buffers per chunk (x + 0 is
-    exact), in the chunk's tensor order, which every rank shares."""
-    ns_steps = hp["ns_steps"]
+    """u <- 0.2*sqrt(max(A,B)) * NS5(x) on each whole matrix, same-shape matrices batched.
 
-    def ns_dtype(x):
-        want = hp.get("ns_dtype")
-        if want is None or want == "auto":
-            return torch.bfloat16 if x.device.type == "cuda" else None
-        return None if want == "param" else want
+    Matrices split across ranks are assembled with one all_reduce of zero-padded full buffers
+    per chunk (x + 0 is exact), in the chunk's tensor order, which every rank shares.  Every
+    rank holding a piece of a split matrix runs its Newton-Schulz in the same batch (the
+    same-shape split tensors of the same holders, from the plan), so the result is identical
+    on all of them; local whole matrices are batched among themselves."""
+    ns_steps = hp["ns_steps"]
+    want = hp.get("ns_dtype", "auto")
+    # "auto": bfloat16, as torch.optim.Muon; "param": the scratch's float dtype (fp32, fp64)
+    ns_dtype = torch.bfloat16 if want in (None, "auto") else st.float_dtype if want == "param" else want
 
     def hook(chunk, us: List[torch.Tensor]) -> None:
+        mats = []  # (matrix view to orthogonalise in place, shape, batch key)
         for pc, u in zip(chunk.pieces, us):
             if pc.unit < 0 or pc.tensor >= 0:
                 continue  # padding, or a piece of a split matrix (below)
             if pc.shape is None or len(pc.shape) != 2:
                 _not_a_matrix(pc.shape)
-            o = newton_schulz(u.view(pc.shape), ns_steps, ns_dtype(u))
-            u.copy_(o.reshape(-1)).mul_(muon_lr_scale(pc.shape))
-        if not chunk.tensors:
-            return
-        offsets, total = [], 0
-        for _, numel in chunk.tensors:
-            offsets.append(total)
-            total += numel
-        dtype = st.float_dtype
-        full = torch.zeros(total, dtype=dtype, device=st.device)
-        for pc, u in zip(chunk.pieces, us):
-            if pc.tensor >= 0:
-                a = offsets[pc.tensor] + pc.gstart
-                full[a: a + pc.length].copy_(u)
-        all_reduce_sum(full, chunk.group)
-        done = {}
-        for pc, u in zip(chunk.pieces, us):
-            if pc.tensor < 0:
-                continue
-            if pc.tensor not in done:
-                if pc.shape is None or len(pc.shape) != 2:
-                    _not_a_matrix(pc.shape)
-                a = offsets[pc.tensor]
-                x = full[a: a + chunk.tensors[pc.tensor][1]].view(pc.shape)
-                done[pc.tensor] = newton_schulz(x, ns_steps, ns_dtype(x)).reshape(-1).mul_(muon_lr_scale(pc.shape))
-            u.copy_(done[pc.tensor][pc.gstart: pc.gstart + pc.length])
+            mats.append((u.view(pc.shape), pc.shape, None))
+        full, offsets = None, []
+        if chunk.tensors:
+            total = 0
+            for _, numel in chunk.tensors:
+                offsets.append(total)
+                total += numel
+            full = torch.zeros(total, dtype=st.float_dtype, device=st.device)
+            for pc, u in zip(chunk.pieces, us):
+                if pc.tensor >= 0:
+                    a = offsets[pc.tensor] + pc.gstart
+                    full[a: a + pc.length].copy_(u)
+            all_reduce_sum(full, chunk.group)
+            assert len(chunk.tensor_shapes) == len(chunk.tensor_holders) == len(chunk.tensors), "plan without holders"
+            for i, ((_, numel), shape, holders) in enumerate(zip(chunk.tensors, chunk.tensor_shapes, chunk.tensor_holders)):
+                if holders is None:
+                    continue  # no piece here: the holders orthogonalise it
+                if shape is None or len(shape) != 2:
+                    _not_a_matrix(shape)
+                mats.append((full[offsets[i]: offsets[i] + numel].view(shape), shape, holders))
+        _orthogonalise(mats, ns_steps, ns_dtype)
+        if full is not None:
+            for pc, u in zip(chunk.pieces, us):
+                if pc.tensor >= 0:
+                    a = offsets[pc.tensor] + pc.gstart
+                    u.copy_(full[a: a + pc.length])
 
     return hook
+
+
+def _orthogonalise(mats, ns_steps: int, dtype: torch.dtype) -> None:
+    """x <- 0.2*sqrt(max(A,B)) * NS5(x) for every (x, shape, key) of ``mats``, in place.
+
+    Matrices of one (rows, cols) class and key share one stacked Newton-Schulz: tall ones are
+    transposed into the wide class (as torch.optim.Muon runs X^T when rows > cols), so
+    (2048, 768) and (768, 2048) are one batch.  Gather and scatter are one multi-tensor copy
+    each for all classes: the device ops are 5 (11 in float64) plus 15 per class (5 steps)."""
+    mats = [(x, shape, key) for x, shape, key in mats if x.numel()]
+    if not mats:
+        return
+    wide = [x.mT if shape[0] > shape[1] else x for x, shape, _ in mats]
+    classes = {}
+    for i, ((_, _, key), w) in enumerate(zip(mats, wide)):
+        classes.setdefault((tuple(w.shape), key), []).append(i)
+    stacks, dst = [], [None] * len(mats)
+    for (shape, _), idx in classes.items():
+        X = torch.empty((len(idx),) + shape, dtype=dtype, device=wide[0].device)
+        stacks.append(X)
+        for j, i in enumerate(idx):
+            dst[i] = X[j]
+    torch._foreach_copy_(dst, wide)
+    outs = newton_schulz_batched(stacks, ns_steps, [muon_lr_scale(shape) for shape, _ in classes])
+    res = [None] * len(mats)
+    for O, idx in zip(outs, classes.values()):
+        for j, i in enumerate(idx):
+            res[i] = O[j]
+    torch._foreach_copy_(wide, res)
 
 
 def _not_a_matrix(shape) -> None:

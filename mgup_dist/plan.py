@@ -81,6 +81,11 @@ class Chunk:
     slot_unit: Tuple[int, ...] = ()  # unit of every slot
     tensors: Tuple[Tuple[Hashable, int], ...] = ()  # split tensors held in this chunk (all ranks): (id, numel)
     collective: bool = False  # every rank enters this chunk (selection or whole-matrix assembly)
+    # per split tensor: its shape, and the ranks (indices in ``group``) that hold a piece of it
+    # (None when this rank holds none): Muon batches a split tensor's Newton-Schulz with the
+    # same-shape tensors of the same holders, a composition every holder shares
+    tensor_shapes: Tuple[Optional[Tuple[int, ...]], ...] = ()
+    tensor_holders: Tuple[Optional[Tuple[int, ...]], ...] = ()
     cache: Dict = field(default_factory=dict)  # device tables, owned by the backend
 
     @property
@@ -98,7 +103,8 @@ class Chunk:
                 if has_grad[p.buf]:
                     pieces.append(Piece(p.buf, p.start, p.length, p.unit, p.order, off, p.slot, p.shape, p.tensor, p.gstart))
                     off += p.length
-            hit = Chunk(tuple(pieces), off, self.k, self.n, self.split, self.n_slots, self.group, self.slot_unit, self.tensors, self.collective)
+            hit = Chunk(tuple(pieces), off, self.k, self.n, self.split, self.n_slots, self.group, self.slot_unit, self.tensors,
+                        self.collective, tensor_shapes=self.tensor_shapes, tensor_holders=self.tensor_holders)
             self.cache[key] = hit
         return hit
 
@@ -239,13 +245,23 @@ def _make_chunk(units, pads, unit_n, split, group, world, mask_ratio, tensors, c
     all_gather_object here, at plan time (not per step)."""
     units = sorted(units, key=lambda u: (u[0], u[1]))
     mine = [(u[0], u[1]) for u in units]
+    held = sorted({(u[6], tuple(u[5].global_shape) if u[5].global_shape is not None else None) for u in units if u[6] >= 0})
+    gathered = None
+    if world > 1 and (split or tensors):
+        gathered = all_gather_object((mine, [u[4] for u in units], held), group)
     if split and world > 1:
-        gathered = all_gather_object((mine, [u[4] for u in units]), group)
-        everyone = sorted({(j, o) for part, _ in gathered for j, o in part})
-        total = sum(sum(ls) for _, ls in gathered)
+        everyone = sorted({(j, o) for part, _, _ in gathered for j, o in part})
+        total = sum(sum(ls) for _, ls, _ in gathered)
     else:
         everyone = mine
         total = sum(u[4] for u in units)
+    shapes, holders = [None] * len(tensors), [None] * len(tensors)
+    for r, part in enumerate([g[2] for g in gathered] if gathered is not None else [held]):
+        for i, shape in part:
+            shapes[i] = shape
+            holders[i] = (holders[i] or ()) + (r,)
+    mine_t = {i for i, _ in held}
+    holders = [h if i in mine_t else None for i, h in enumerate(holders)]
     if unit_n.get(0, 0) is None:  # global scope: N is the group's size over all ranks
         unit_n = {0: total}
     slot_of = {key: i for i, key in enumerate(everyone)}
@@ -258,4 +274,5 @@ def _make_chunk(units, pads, unit_n, split, group, world, mask_ratio, tensors, c
         off += n
     ns = tuple(unit_n[j] for j in range(len(unit_n)))
     ks = tuple(num_selected(mask_ratio, n) for n in ns)
-    return Chunk(tuple(pieces), off, ks, ns, split, len(everyone), group, tuple(j for j, _ in everyone), tensors, collective)
+    return Chunk(tuple(pieces), off, ks, ns, split, len(everyone), group, tuple(j for j, _ in everyone), tensors, collective,
+                 tensor_shapes=tuple(shapes), tensor_holders=tuple(holders))

@@ -35,7 +35,8 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["Rule", "ADAMW", "LION", "MUON", "RULES", "CONVENTIONS", "NS_COEFFS", "newton_schulz", "muon_lr_scale"]
+__all__ = ["Rule", "ADAMW", "LION", "MUON", "RULES", "CONVENTIONS", "NS_COEFFS", "newton_schulz", "newton_schulz_batched",
+           "muon_lr_scale"]
 
 #: ``torch``: eps on the bias-corrected sqrt(v_hat) (torch.optim.AdamW).  ``authors``: the MGUP
 #: authors' code (Hugging Face's old AdamW): eps on the uncorrected sqrt(v), bias correction
@@ -208,13 +209,19 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 def newton_schulz(x: Tensor, steps: int = 5, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Quintic Newton-Schulz iteration towards the orthogonal factor U V^T of x = U S V^T
-    (Keller Jordan's coefficients; singular values land in about [0.7, 1.2]).
+    (Keller Jordan's coefficients; singular values land in about [0.7, 1.2]), one matrix:
+    the readable form of ``newton_schulz_batched``, which the optimizers run.
 
-    Runs in ``dtype`` (default: x's dtype, fp32 for half-precision input).  X is scaled by
-    its largest absolute entry before the Frobenius normalisation, so that ||X||_F cannot
-    overflow for huge finite input (3e38 squared is inf in fp32); the result is the same
-    because NS depends on X / ||X||_F only.  Non-finite input gives a non-finite result:
-    the caller decides what to do with it."""
+    Runs in ``dtype`` (default: x's dtype, fp32 for half-precision input), on X^T when x has
+    more rows than columns (the Gram matrix X X^T is then the smaller one), as
+    ``torch.optim.Muon``::
+
+        X <- X / (||X||_F + 1e-7);   steps times:  A = X X^T;  B = b A + c A A;  X = a X + B X
+
+    with ``B`` and the new ``X`` one fused ``addmm`` each.  X is scaled by its largest
+    absolute entry before the Frobenius normalisation when ||X||_F overflows (3e38 squared
+    is inf in fp32); NS depends on X / ||X||_F only.  Non-finite input gives a non-finite
+    result: the caller decides what to do with it."""
     assert x.ndim == 2, x.shape
     a, b, c = NS_COEFFS
     if dtype is None:
@@ -224,19 +231,61 @@ def newton_schulz(x: Tensor, steps: int = 5, dtype: Optional[torch.dtype] = None
     if transposed:
         X = X.T
     norm = X.norm()
-    # ||X||_F overflows for huge finite entries (3e38^2 = inf in fp32); then normalise X / max|X|
-    # first, which NS cannot tell apart (it depends on X / ||X||_F only).  Both are computed, so
-    # that no value is read back to the host; the usual case is bitwise the plain formula.
+    # both are computed, so that no value is read back to the host; the usual case is
+    # bitwise the plain formula
     amax = X.abs().amax().clamp_min(torch.finfo(X.dtype).tiny)
     Xs = X / amax
     X = torch.where(torch.isfinite(norm), X / (norm + 1e-7), Xs / (Xs.norm() + 1e-7))
     for _ in range(steps):
         A = X @ X.T
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = torch.addmm(A, A, A, beta=b, alpha=c)
+        X = torch.addmm(X, B, X, beta=a)
     if transposed:
         X = X.T
     return X
+
+
+def newton_schulz_batched(batches: Sequence[Tensor], steps: int = 5, scales: Optional[Sequence[float]] = None) -> List[Tensor]:
+    """``newton_schulz`` of many matrices at once: ``batches`` are stacks ``[B, m, n]`` of
+    same-shape matrices with ``m <= n`` (tall matrices transposed by the caller), in the
+    dtype NS runs in; they are normalised in place and ``scales[i] * NS5`` of each stack is
+    returned (the scale folded into the last iteration's ``baddbmm``).
+
+    Device ops: 3 for the normalisation of all matrices together (9 when NS runs in float64),
+    then 3 per iteration per stack (``bmm``, two ``baddbmm``).
+
+    Normalisation X <- X / (||X||_F + 1e-7) without a host read and without overflow:
+    ||X||_F is accumulated in float64, which cannot overflow for fp32/bf16/fp16 entries
+    ((3.4e38)^2 * 2^40 < 1.8e308).  Float64 matrices are first multiplied by
+    s = 2^-floor(log2 max|X|) (exact: a power of two), the 1e-7 by s too, so that their
+    norm cannot overflow either.  A zero matrix stays zero; a NaN or inf entry gives a
+    non-finite result."""
+    views = [x for X in batches if X.numel() for x in X.unbind(0)]
+    out = list(batches)
+    if views:
+        eps = None
+        if views[0].dtype == torch.float64:
+            s = torch.stack(torch._foreach_norm(views, float("inf"))).clamp_min_(torch.finfo(torch.float64).tiny)
+            s = s.log2_().floor_().neg_().exp2_()
+            torch._foreach_mul_(views, list(s.unbind(0)))
+            eps = s
+        d = torch._foreach_norm(views, 2, dtype=torch.float64)
+        if eps is None:
+            torch._foreach_add_(d, 1e-7)
+        else:
+            torch._foreach_add_(d, list(eps.unbind(0)), alpha=1e-7)
+        torch._foreach_div_(views, d)
+    a, b, c = NS_COEFFS
+    for i, X in enumerate(out):
+        if X.numel() == 0:
+            continue
+        k = 1.0 if scales is None else float(scales[i])
+        for j in range(steps):
+            A = torch.bmm(X, X.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a * k, alpha=k) if j == steps - 1 else torch.baddbmm(X, B, X, beta=a)
+        out[i] = X
+    return out
 
 
 def muon_lr_scale(shape: Sequence[int]) -> float:

@@ -35,7 +35,7 @@ def test_bench_prints_the_table(capsys):
 def _check_table(capsys):
     rows = bench.main(["--model", "tiny", "--steps", "2", "--warmup", "1", "--naive-steps", "1",
                        "--muon-steps", "1", "--mask-ratio", "0.25", "0.5", "--threads", "1",
-                       "--compile", "off", "--quiet"])
+                       "--compile", "off", "--quiet", "--clock", "cpu"])
     out = capsys.readouterr().out
     lines = [l for l in out.splitlines() if l.startswith("|")]
     assert lines[0] == "| " + " | ".join(bench.HEADER) + " |"
@@ -44,12 +44,13 @@ def _check_table(capsys):
         ("AdamW(fused)", None), ("AdamW(foreach)", None),
         ("naive topk+scatter", 0.25), ("naive topk+scatter", 0.5),
         ("MGUPAdamW", 0.25), ("MGUPAdamW", 0.5), ("CMGUPAdamW", None),
-        ("MGUPLion", 0.25), ("MGUPLion", 0.5), ("MGUPMuon", 0.25), ("MGUPMuon", 0.5),
+        ("MGUPLion", 0.25), ("MGUPLion", 0.5), ("Muon+AdamW(torch)", None), ("MGUPMuon", 0.25), ("MGUPMuon", 0.5),
     ]
     assert len(lines) == 2 + len(rows)
     for r in rows:
         assert len(r.times_ms) == (1 if r.name.startswith("naive") or "Muon" in r.name else 2)
         assert r.median_ms > 0 and math.isfinite(r.vs_fused) and math.isfinite(r.naive_speedup)
+        assert math.isfinite(r.vs_muon) == ("Muon" in r.name), r  # the Muon rows against torch.optim.Muon
     fused = rows[0]
     assert fused.vs_fused == 1.0 and rows[1].vs_foreach == 1.0
     assert torch.get_num_threads() == 1
@@ -78,6 +79,8 @@ def test_bad_arguments():
         bench.run_bench("tiny", mask_ratios=(1.5,))
     with pytest.raises(ValueError, match="optimizers"):
         bench.run_bench("tiny", steps=1, warmup=0, naive_steps=1, optimizers=("SGD",))
+    with pytest.raises(ValueError, match="clock"):
+        bench.run_bench("tiny", steps=1, warmup=0, naive_steps=1, clock="gpu")
     with pytest.raises(SystemExit):
         bench.main(["--model", "gpt5"])
 

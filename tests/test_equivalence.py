@@ -91,7 +91,10 @@ SCALES = {"topk": dict(alpha=2.0, gamma=0.5), "cautious": dict(alpha=1.0, gamma=
 HP = {
     "adamw": dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1),
     "lion": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
-    "muon": dict(lr=2e-2, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8),
+    # Newton-Schulz in the params' float64 (the default, bfloat16 as torch.optim.Muon, is
+    # compared with the matrix-by-matrix form in test_muon_batched.py)
+    "muon": dict(lr=2e-2, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                 ns_dtype="param"),
 }
 
 

@@ -34,21 +34,20 @@ def test_llama130m_step_op_count_is_small_and_independent_of_the_tensor_count(na
     assert counts[1] <= TARGETS[name][capturable], (counts, res["ops"].most_common(12))
 
 
-def test_muon_step_is_newton_schulz_per_matrix_plus_a_fixed_count():
-    """Muon's matrices each need their Newton-Schulz iterations (5 x 8 ops) and, today, their
-    normalisation and copy-back (~18 ops a matrix, in the pipeline's matrix hook); the rest is
-    a fixed count for the two param groups (the matrices, and AdamW for the others)."""
-    per = {}
+def test_muon_newton_schulz_is_batched_per_shape_class_plus_a_fixed_count():
+    """Muon's matrices go through Newton-Schulz stacked by shape class (tall ones transposed
+    into the wide class): 15 ops a class (5 x bmm, baddbmm, baddbmm), whatever the number of
+    matrices; the rest is a fixed count for the two param groups (the matrices, and AdamW
+    for the others), the same for 111 and 333 tensors."""
+    fixed = {}
     for split in (1, 3):
         ps = model_params("llama130m", split)
         res = count_step(lambda q: MGUPMuon(q, backend="torch"), ps)
-        n_mat = sum(p.ndim == 2 for p in ps)
-        per[split] = (res["total"], n_mat)
-    (t1, m1), (t3, m3) = per[1], per[3]
-    per_matrix = (t3 - t1) / (m3 - m1)
-    fixed = t1 - per_matrix * m1
-    assert per_matrix <= 5 * 8 + 18, per
-    assert fixed <= 170, (per, fixed)
+        classes = {tuple(sorted(p.shape)) for p in ps if p.ndim == 2}
+        assert res["ops"]["aten.bmm"] == 5 * len(classes) and res["ops"]["aten.baddbmm"] == 10 * len(classes), res["ops"]
+        fixed[split] = res["total"] - 15 * len(classes)
+    assert fixed[1] == fixed[3], fixed
+    assert fixed[1] <= 170, fixed
 
 
 # -------------------------------------------------------------------- the allowed ops

@@ -130,7 +130,9 @@ def test_muon_update_is_the_same_for_huge_finite_gradients():
     moved = []
     for scale in (1.0, 1e30):
         p = torch.nn.Parameter(torch.zeros(8, 6))
-        opt = MGUPMuon([p], lr=1e-2, alpha=1.0, gamma=1.0)  # scores x*g overflow to inf: compare NS alone
+        # scores x*g overflow to inf: compare NS alone, in fp32 (bf16, the default, rounds x
+        # itself differently at the two scales)
+        opt = MGUPMuon([p], lr=1e-2, alpha=1.0, gamma=1.0, ns_dtype=torch.float32)
         p.grad = g * scale
         opt.step()
         moved.append(p.detach().clone())

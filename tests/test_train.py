@@ -212,3 +212,16 @@ def test_torchrun_two_processes(tmp_path, engine):
         assert (ck / "dcp" / ".metadata").is_file()
     if engine == "deepspeed":
         assert (ck / "ds").is_dir()
+
+
+@pytest.mark.timeout(120)
+def test_no_save_writes_no_checkpoint(tmp_path):
+    """--no-save: not even the final checkpoint (--save-every 0 still saves at the end)."""
+    out = tmp_path / "nosave"
+    s = run(["--steps", "3", "--eval-every", "3", "--log-every", "3", "--global-batch", "4", "--seq-len", "32",
+             "--eval-tokens", "2048", "--out-dir", str(out), "--no-plots", "--no-tensorboard", "--save-every", "0",
+             "--no-save"] + QUIET)
+    assert s["steps"] == 3 and math.isfinite(s["tokens_per_s"])
+    assert (out / "summary.json").is_file()
+    ckpts = out / "checkpoints"
+    assert not ckpts.exists() or not any(ckpts.iterdir()), list(ckpts.iterdir())

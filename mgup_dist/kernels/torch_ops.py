@@ -25,7 +25,7 @@ int32/int64 and float32, ``where``, ``masked_fill_``, ``isnan``, ``sign``, ``cla
 ``cumsum`` (int64 of bool/int), ``index_select``, ``gather``, ``scatter_add_`` (int64 ones),
 ``repeat_interleave`` with ``output_size``, ``searchsorted`` (int64 rows), ``zeros``/``ones``/
 ``full``/``fill_``, ``stack``, ``cat``, ``_to_copy`` between int dtypes or to float,
-the matrix ops of Muon.  Never ``kthvalue``/``topk``/``sort`` (on older CANN stacks they cast
+the matrix ops of Muon (``bmm``, ``baddbmm``, ``_foreach_norm``).  Never ``kthvalue``/``topk``/``sort`` (on older CANN stacks they cast
 to fp16: wrong thresholds, corrupted int32 keys; on 910B/C ``kthvalue`` is a full sort, and on
 CUDA a slow single-slice kernel), nor ``nonzero``/``bincount``/boolean indexing/``.item()``
 (host reads), nor float64 collectives (HCCL has none): histograms and tie counts are int64.
@@ -59,8 +59,9 @@ NPU_OPS = frozenset({
     "cumsum", "sum", "amax", "index_select", "gather", "scatter_add_", "repeat_interleave", "searchsorted",
     # fills, copies, casts
     "zeros", "ones", "full", "new_full", "new_ones", "fill_", "zero_", "clone", "copy_", "_to_copy", "stack", "cat",
-    # Muon's Newton-Schulz
-    "mm", "linalg_vector_norm",
+    # Muon's Newton-Schulz: stacked matrix products, norms of all matrices in one call (float64
+    # NS also takes a power-of-two prescale: log2, floor, exp2)
+    "mm", "bmm", "baddbmm", "linalg_vector_norm", "_foreach_norm", "log2_", "floor_", "neg_", "exp2_",
 })
 
 

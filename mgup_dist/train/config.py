@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                         "old checkpoints); or a checkpoint directory")
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N optimizer steps (0: only at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many newest checkpoints to keep")
+    g.add_argument("--no-save", action="store_true",
+                   help="write no checkpoint, not even the final one (throughput checks, smoke runs)")
     g.add_argument("--log-every", type=int, default=10, help="log train loss / lr / tokens per s every N steps")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (a log line every --log-every steps)")
     g.add_argument("--no-plots", action="store_true", help="write no PNG plots at the end")

@@ -766,9 +766,12 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
         # (Lion; Muon's matrices) -> about 4 * (1 + moments) bytes a parameter (130M: ~1.6 GB).
         moments = 1 if cfg.optimizer in ("lion", "mgup_lion", "muon", "mgup_muon") else 2
         size_gb = n_params * 4 * (1 + moments) / 1e9
-        print(f"[mgup-dist train] checkpoints: about {size_gb:.3g} GB each in {ckpt_root}, every "
-              f"{cfg.save_every or cfg.steps} steps, newest {cfg.keep_checkpoints} kept "
-              f"(--save-every, --keep-checkpoints)", flush=True)
+        if getattr(cfg, "no_save", False):
+            print("[mgup-dist train] checkpoints: none (--no-save)", flush=True)
+        else:
+            print(f"[mgup-dist train] checkpoints: about {size_gb:.3g} GB each in {ckpt_root}, every "
+                  f"{cfg.save_every or cfg.steps} steps, newest {cfg.keep_checkpoints} kept "
+                  f"(--save-every, --keep-checkpoints)", flush=True)
 
     pbar = None
     if is_main and not cfg.no_progress:
@@ -859,7 +862,7 @@ def _train(cfg, rank: int, world: int, device: torch.device) -> Dict:
                 print(f"step {step}: val loss {vl:.4f} ppl {rec['val_ppl']:.2f}", flush=True)
             t_mark = time.perf_counter()
 
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        if not getattr(cfg, "no_save", False) and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
             state = {"step": step, "fingerprint": fingerprint(cfg), "world_size": world, "name": cfg.name,
                      "settings": _resume_settings(cfg), "skipped_steps": skipped_total, "vocab_size": vocab,
                      "per_rank": {"data": data.train.state_dict(), "rng": ckpt.rng_state(device)}}
