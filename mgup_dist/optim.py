@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -17,7 +18,7 @@ from torch.optim import Optimizer
 from . import rules as R
 from .collectives import all_gather_object, world_size
 from .kernels import BACKENDS, Bufs, get_backend
-from .layout import Layout, dtensor_layout, whole_layout
+from .layout import Layout, default_layout
 from .pipeline import GroupStep, run_group
 from .plan import SCOPES, build_plan, chunk_cap, collective_group
 
@@ -195,6 +196,7 @@ class _MGUPOptimizer(Optimizer):
         where = f" (param group {len(self.param_groups)})"
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self.__dict__.setdefault("_given", {}).update((id(p), weakref.ref(p)) for p in group["params"])
         try:
             self._validate(group, where)
             for i, p in enumerate(group["params"]):
@@ -384,6 +386,7 @@ class _MGUPOptimizer(Optimizer):
         self.__dict__.setdefault("_layouts", {})
         self.__dict__.setdefault("_plans", {})
         self.__dict__.setdefault("_scratch", {})
+        self.__dict__.setdefault("_given", {id(p): weakref.ref(p) for g in self.param_groups for p in g["params"]})
         self.__dict__.setdefault("fp32_state", None)
         self.__dict__.setdefault("_adamw_ids", set())  # MGUPMuon: ids of another process's tensors mean nothing
         for group in self.param_groups:
@@ -433,8 +436,9 @@ class _MGUPOptimizer(Optimizer):
         if hit is not None and hit[0] is param:
             return hit[1]
         tid = self._default_tensor_id(param)
-        # a complex param is stepped as its real view: 2 coordinates an element
-        layout = dtensor_layout(param, tid) if _is_dtensor(param) else whole_layout(_real(param), tid)
+        given = self._given.get(id(param))  # a buffer a wrapper swapped in has a layout only its wrapper knows
+        layout = default_layout(param, tid, replaced=given is None or given() is not param,
+                                whole_matrices="use_muon" in self.defaults)
         self._layouts[id(param)] = (param, layout)
         return layout
 

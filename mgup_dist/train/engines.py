@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .data import IGNORE_INDEX
-from .optim import CosineWithWarmup, build_optimizer, build_scheduler, optimizer_spec, param_groups
+from .optim import CosineWithWarmup, build_optimizer, build_scheduler, optimizer_spec, param_groups, schedule_steps
 
 __all__ = ["build_engine", "Engine", "load_optimizer_state"]
 
@@ -240,7 +240,7 @@ class DeepSpeedEngine(Engine):
         self.ds_config = ds
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds,
-            lr_scheduler=lambda opt: CosineWithWarmup(opt, warmup=cfg.warmup_steps, total=cfg.steps,
+            lr_scheduler=lambda opt: CosineWithWarmup(opt, warmup=cfg.warmup_steps, total=schedule_steps(cfg),
                                                       min_ratio=cfg.min_lr_ratio),
         )
 

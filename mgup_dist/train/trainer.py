@@ -328,8 +328,10 @@ def _decide(fn):
 def _check_resume_state(cfg, state: Dict, path: str, world: int) -> Dict:
     """Refusals (ValueError, before any work) of a checkpoint written by another run
     configuration; returns the applied setting changes."""
-    mismatch = {k: (v, state["fingerprint"].get(k)) for k, v in fingerprint(cfg).items()
-                if state["fingerprint"].get(k) != v}
+    _continue_schedule(cfg, state, path)
+    saved = dict(state["fingerprint"])
+    saved.setdefault("schedule_steps", saved.get("steps"))   # written before runs could be continued
+    mismatch = {k: (v, saved.get(k)) for k, v in fingerprint(cfg).items() if k != "steps" and saved.get(k) != v}
     if mismatch:
         raise ValueError(
             f"resume: {path!r} was written by a different run configuration "
@@ -342,6 +344,31 @@ def _check_resume_state(cfg, state: Dict, path: str, world: int) -> Dict:
             f"{world}; a checkpoint resumes only at the world size that wrote it (every engine): pass --name "
             f"for a new run, or --resume never to start this one over")
     return _check_resume_settings(cfg, state.get("settings"), path)
+
+
+def _continue_schedule(cfg, state: Dict, path: str) -> None:
+    """``--steps`` may differ from the checkpoint's run: a finished run trains on, an
+    unfinished one ends elsewhere.  The lr schedule is the checkpoint's (its warmup, and its
+    cosine reaching ``lr * min_lr_ratio`` at the step count it was started with); past that
+    step the lr stays at the minimum.  So the steps already taken keep the lr they had, and
+    a run continued from N to M steps equals one started with M steps whose schedule ends at N.
+    Refused: ``--steps`` below the checkpoint's step, and another ``--warmup-steps``."""
+    fp = state["fingerprint"]
+    done = int(state["step"])
+    if cfg.steps < done:
+        raise ValueError(f"steps: {path!r} is at step {done}, past --steps {cfg.steps}; pass --steps {done} or more "
+                         "to continue it, or start a new run (--resume never or another --name)")
+    cfg.schedule_steps = int(fp.get("schedule_steps") or fp["steps"])
+    saved_warmup = fp.get("warmup_steps")
+    if not getattr(cfg, "warmup_given", True) and saved_warmup is not None:
+        cfg.warmup_steps = int(saved_warmup)   # the default (10% of --steps) follows the schedule already run
+    if cfg.steps != fp["steps"] and (not dist.is_initialized() or dist.get_rank() == 0):
+        tail = (f"then holds lr x min_lr_ratio = {cfg.lr * cfg.min_lr_ratio:.3g} for steps "
+                f"{cfg.schedule_steps + 1}-{cfg.steps}" if cfg.steps > cfg.schedule_steps
+                else f"and stops at step {cfg.steps}")
+        print(f"[mgup-dist train] continuing {cfg.name} from step {done} to {cfg.steps} (was {fp['steps']}): the lr "
+              f"schedule keeps its {cfg.warmup_steps} warmup steps and its cosine to step {cfg.schedule_steps}, "
+              f"{tail}", flush=True)
 
 
 # Settings outside the fingerprint that a resume cannot change: the checkpoint's optimizer
