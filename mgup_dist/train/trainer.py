@@ -377,7 +377,7 @@ def _continue_schedule(cfg, state: Dict, path: str) -> None:
 # (precision) or the model itself (the model file's contents) or the DeepSpeed layout.
 _REFUSED_ON_RESUME = ("bf16", "beta1", "beta2", "eps", "opt_kwargs", "muon_lr", "deepspeed_config", "model_config")
 # Bookkeeping, not settings of the run.
-_IGNORED_ON_RESUME = ("resume", "local_rank", "config", "device_obj", "deepspeed_dict", "name")
+_IGNORED_ON_RESUME = ("resume", "local_rank", "config", "device_obj", "deepspeed_dict", "name", "warmup_given")
 
 
 def _resume_settings(cfg) -> Dict:
