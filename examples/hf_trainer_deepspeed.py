@@ -8,9 +8,10 @@ the Trainer fills in (lr, betas, eps, weight decay, batch sizes, clipping, preci
 ``import mgup_dist.deepspeed`` registers the type before the Trainer builds the engine; a
 script that must stay unchanged gets the same from ``torchrun -m mgup_dist.run script.py``.
 
-On CPU ranks Accelerate counts one process (``TrainingArguments.world_size == 1``), so every
-rank reads the same batches: DeepSpeed still averages the gradients and shards the optimizer
-over the ranks, and the run is correct, but it sees 1/world of the data it would on GPUs.
+On CPU ranks Accelerate counts one process (``TrainingArguments.world_size == 1``), so the
+Trainer would hand every rank the same batches (DeepSpeed still averages the gradients and
+shards the optimizer, so the run is correct, but N ranks would see the data of one): this
+script gives each CPU rank its own share of the dataset itself.  On GPUs the Trainer does.
 """
 import argparse
 import os
@@ -44,6 +45,9 @@ training_args = TrainingArguments(
     gradient_accumulation_steps=2, max_steps=args.steps, learning_rate=3e-3, weight_decay=0.05,
     adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
     deepspeed=args.deepspeed, disable_tqdm=True, dataloader_num_workers=0)
+if training_args.world_size == 1 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    # CPU ranks: Accelerate counts one process and would not split the data; split it here
+    data = data[torch.distributed.get_rank()::torch.distributed.get_world_size()]
 trainer = Trainer(model=model, args=training_args, train_dataset=data)
 trainer.train()
 engine = trainer.model_wrapped

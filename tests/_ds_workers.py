@@ -6,6 +6,7 @@ invariants that need the live engine and return plain data for the test to asser
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -333,7 +334,7 @@ def worker_unregistered(rank, world, stages):
 
     import mgup_dist
 
-    assert "mgup_dist.deepspeed" not in __import__("sys").modules
+    assert "mgup_dist.deepspeed" not in sys.modules
     out = {}
     for stage in stages:
         model = make_model()
