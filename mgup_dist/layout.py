@@ -178,7 +178,8 @@ def dtensor_layout(param, tensor_id: Hashable) -> Layout:
                 raise ValueError(
                     f"dtensor_layout: placement {pl} on mesh dim {d} is not supported; allowed: Shard(0) "
                     "(FSDP2's default; a Shard(dim>0) local piece is not a contiguous range of the flat tensor) "
-                    "and Replicate()"
+                    "and Replicate(); declare the layout of such a parameter with optimizer.set_layout(param, "
+                    "Layout(...)) or step its local tensor"
                 )
             shard_dims.append(d)
             continue
