@@ -17,6 +17,7 @@ import argparse
 import os
 import pathlib
 import tempfile
+import warnings
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
@@ -49,7 +50,12 @@ if training_args.world_size == 1 and torch.distributed.is_initialized() and torc
     # CPU ranks: Accelerate counts one process and would not split the data; split it here
     data = data[torch.distributed.get_rank()::torch.distributed.get_world_size()]
 trainer = Trainer(model=model, args=training_args, train_dataset=data)
-trainer.train()
+with warnings.catch_warnings():
+    # DeepSpeed 0.19 gathers and reduces with torch.distributed APIs that torch 2.13 deprecates
+    # (a FutureWarning on every rank); only those two are silenced
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
+                            category=FutureWarning)
+    trainer.train()
 engine = trainer.model_wrapped
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 if torch.distributed.get_rank() == 0:
