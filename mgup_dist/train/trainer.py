@@ -367,7 +367,8 @@ def _continue_schedule(cfg, state: Dict, path: str) -> None:
                 f"{cfg.schedule_steps + 1}-{cfg.steps}" if cfg.steps > cfg.schedule_steps
                 else f"and stops at step {cfg.steps}")
         print(f"[mgup-dist train] continuing {cfg.name} from step {done} to {cfg.steps} (was {fp['steps']}): the lr "
-              f"schedule keeps its {cfg.warmup_steps} warmup steps and its cosine to step {cfg.schedule_steps}, "
+              f"schedule keeps its {cfg.warmup_steps} warmup step{'s' if cfg.warmup_steps != 1 else ''} and its cosine "
+              f"to step {cfg.schedule_steps}, "
               f"{tail}", flush=True)
 
 
