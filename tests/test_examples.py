@@ -16,8 +16,6 @@ import sys
 
 import pytest
 
-from dist_utils import free_port
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EX = ROOT / "examples"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
@@ -60,8 +58,9 @@ def _run(name: str, nproc: int, tmp_path):
     if nproc == 1 and name == "hf_trainer.py":
         cmd = [sys.executable, *script_args, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *script_args, *args]
+        # --standalone: torchrun binds a free rendezvous port itself (no race for a picked port)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+               "--nproc_per_node", str(nproc), *script_args, *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=str(tmp_path), timeout=900)
 
 
