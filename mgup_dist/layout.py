@@ -22,7 +22,8 @@ from typing import Hashable, Optional, Tuple
 
 import torch
 
-__all__ = ["Segment", "Layout", "whole_layout", "dtensor_layout", "chunk_rows", "is_dtensor", "local_of", "real_of"]
+__all__ = ["Segment", "Layout", "whole_layout", "dtensor_layout", "flat_param_layout", "default_layout", "chunk_rows",
+           "is_dtensor", "local_of", "real_of"]
 
 
 @dataclass(frozen=True)
@@ -178,13 +179,15 @@ def dtensor_layout(param, tensor_id: Hashable) -> Layout:
                 raise ValueError(
                     f"dtensor_layout: placement {pl} on mesh dim {d} is not supported; allowed: Shard(0) "
                     "(FSDP2's default; a Shard(dim>0) local piece is not a contiguous range of the flat tensor) "
-                    "and Replicate()"
+                    "and Replicate(); declare the layout of such a parameter with optimizer.set_layout(param, "
+                    "Layout(...)) or step its local tensor"
                 )
             shard_dims.append(d)
             continue
         raise ValueError(
             f"dtensor_layout: placement {pl} on mesh dim {d} is not supported; allowed: Shard(0) and Replicate() "
-            "(tensor-parallel DTensors are not handled by the FSDP layout)"
+            "(tensor-parallel DTensors are not handled by the FSDP layout); declare the layout of such a parameter "
+            "with optimizer.set_layout(param, Layout(...)) or step its local tensor"
         )
     if len(shard_dims) > 1:
         raise ValueError(
@@ -247,3 +250,124 @@ def real_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is not None and t.is_complex():
         return torch.view_as_real(t)
     return t
+
+
+# ------------------------------------------------------------------- the default layout
+# An optimizer steps a parameter nobody declared a layout for with the layout below.  A
+# buffer whose layout cannot be read from the tensor itself (a ZeRO flat partition, an FSDP1
+# original parameter's local piece) is refused by name: a whole layout over it would run
+# top-K over the buffer instead of over each original tensor -- another algorithm.  Every
+# check reads facts identical on every rank (types, FSDP's global shard metadata, DeepSpeed's
+# attributes, whether the optimizer was built with the tensor), never local data.
+
+#: how a tensor of FSDP1's FlatParameter is named when the optimizer learns the layout itself:
+#: ints above every default id (the running parameter index), ordered as ``(j, i)``
+FLAT_ID_BASE = 1 << 32
+
+
+def _is_flat_param(t) -> bool:
+    # FSDP1 marks its FlatParameter (torch's own isinstance check reads the same flag); read
+    # the flag instead of importing FSDP
+    return bool(getattr(t, "_is_flat_param", False))
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+_ATTACH = "call mgup_dist.integrations.fsdp.attach_fsdp1_layouts(optimizer, fsdp_model) on every rank after building the optimizer"
+
+
+def flat_param_layout(flat_param, tensor_id: int, whole_matrices: bool = False) -> Layout:
+    """Layout of an FSDP1 ``FlatParameter``'s local shard, read from the FlatParameter alone.
+
+    FSDP1 concatenates the flattened original tensors (with padding) and gives rank ``r``
+    the unsharded flat elements ``[r*S, (r+1)*S)``, ``S`` the shard size; the FlatParameter
+    records this rank's piece of each tensor (``_shard_param_infos``) and every tensor's
+    global size, so the segments need no handle.  Tensor ``i`` gets id
+    ``(tensor_id + 1) * FLAT_ID_BASE + i``.  A tensor is split when its range crosses a
+    multiple of ``S`` (global facts: every rank lists the same).  The one thing the
+    FlatParameter does not carry is its process group: when a tensor is split this needs
+    the shard group to be the whole default group (``W = padded size / S`` equals the world
+    size, FULL_SHARD / SHARD_GRAD_OP over all ranks); otherwise (HYBRID_SHARD, a sub-group)
+    it refuses and names :func:`~mgup_dist.integrations.fsdp.attach_fsdp1_layouts`, which
+    reads the group from FSDP's handle.
+    """
+    if whole_matrices:
+        raise ValueError(
+            "MGUPMuon steps an FSDP1 FlatParameter, which mixes matrices and vectors in one 1-D buffer (every "
+            "matrix would silently run AdamW); build it with MGUPMuon(fsdp1_muon_param_groups(model), ...) on a "
+            f"use_orig_params=True model and {_ATTACH}"
+        )
+    numels = [int(n) for n in flat_param._numels]
+    shapes = [tuple(s) for s in flat_param._shapes]
+    infos = flat_param._shard_param_infos
+    S = int(flat_param._sharded_size.numel())
+    if flat_param.numel() != S or len(infos) != len(numels):
+        raise ValueError(
+            f"an FSDP1 FlatParameter of {flat_param.numel()} elements is not in its sharded state ({S}); step the "
+            f"optimizer outside forward / summon_full_params, or {_ATTACH}"
+        )
+    starts, off = [], 0
+    for n, pad in zip(flat_param._numels_with_padding, flat_param._is_padding_mask):
+        if not pad:
+            starts.append(off)
+        off += int(n)
+    segs, collective = [], []
+    for i, (info, start, n, shp) in enumerate(zip(infos, starts, numels, shapes)):
+        tid = (tensor_id + 1) * FLAT_ID_BASE + i
+        if n and start // S != (start + n - 1) // S:
+            collective.append((tid, n))
+        if info.in_shard and info.numel_in_shard:
+            segs.append(Segment(tid, int(info.offset_in_shard), int(info.numel_in_shard),
+                                int(info.intra_param_start_idx), n, shp))
+    if collective:
+        # FSDP sets the padded unsharded size at its lazy init (the first forward)
+        padded = getattr(flat_param, "_padded_unsharded_size", None)
+        if padded is None:
+            raise ValueError(
+                f"an FSDP1 FlatParameter is stepped before the model's first forward, so its shard group size is "
+                f"not known yet; {_ATTACH}"
+            )
+        if padded.numel() // S != _world():
+            raise ValueError(
+                f"an FSDP1 FlatParameter is sharded over {padded.numel() // S} of {_world()} ranks (HYBRID_SHARD or "
+                f"a process sub-group), which the FlatParameter does not name; {_ATTACH}"
+            )
+    return Layout(segments=tuple(segs), numel=S, group=None, collective=tuple(collective))
+
+
+def default_layout(param, tensor_id: int, *, replaced: bool = False, whole_matrices: bool = False) -> Layout:
+    """The layout of a parameter no layout was declared for (``optimizer.layout_of``).
+
+    * a DTensor: :func:`dtensor_layout` (FSDP2 / HSDP; other placements are refused);
+    * an FSDP1 ``FlatParameter``: :func:`flat_param_layout`, learnt from the FlatParameter;
+    * an FSDP1 original parameter (``use_orig_params=True``) with more than one rank: its
+      local piece does not say which range of the tensor it is: refused, naming
+      ``attach_fsdp1_layouts``;
+    * a DeepSpeed ZeRO partition (``ds_id``), or any tensor the optimizer was not built with
+      (``replaced``: a wrapper such as DeepSpeed's ZeRO / BF16 optimizer swapped its param
+      groups' tensors for flat buffers): refused, naming the DeepSpeed registration;
+    * anything else is a whole tensor (a complex one as its real view, 2 coordinates an element).
+    ``whole_matrices``: the optimizer's rule looks at whole matrices (MGUPMuon).
+    """
+    if is_dtensor(param):
+        return dtensor_layout(param, tensor_id)
+    if _is_flat_param(param):
+        return flat_param_layout(param, tensor_id, whole_matrices)
+    if getattr(param, "_fsdp_flattened", False) and _world() > 1:
+        raise ValueError(
+            f"parameter {tensor_id} is an FSDP1 parameter (use_orig_params=True) whose local piece does not say "
+            f"which range of the tensor it holds; {_ATTACH}"
+        )
+    if replaced or hasattr(param, "ds_id"):
+        raise ValueError(
+            f"the optimizer steps a buffer it was not built with (param-group tensor {tensor_id}, "
+            f"{param.numel()} elements): a wrapper such as DeepSpeed's ZeRO optimizer replaced the parameters, and "
+            "per-tensor top-K needs to know which slice belongs to which tensor; with DeepSpeed, "
+            "`import mgup_dist.deepspeed` before deepspeed.initialize (or launch with `python -m mgup_dist.run`), "
+            "otherwise declare each buffer's layout with optimizer.set_layout(tensor, Layout(...))"
+        )
+    return whole_layout(torch.view_as_real(param) if param.is_complex() else param, tensor_id)

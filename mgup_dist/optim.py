@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+import weakref
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -18,7 +19,7 @@ from torch.optim import Optimizer
 
 from .agreement import StepAgreement
 from .buffers import SparseGradientError, workspace
-from .layout import Layout, dtensor_layout, is_dtensor, local_of, real_of, whole_layout
+from .layout import Layout, default_layout, is_dtensor, local_of, real_of
 from .options import (
     GROUP_DEFAULTS,
     MGUP_KEYS,
@@ -76,6 +77,8 @@ class _MGUPOptimizer(Optimizer):
         where = f" (param group {len(self.param_groups)})"
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        # the tensors it is built with: a buffer a wrapper swaps in later has a layout only the wrapper knows
+        self.__dict__.setdefault("_given", {}).update((id(p), weakref.ref(p)) for p in group["params"])
         try:
             self._validate(group, where)
             for i, p in enumerate(group["params"]):
@@ -196,6 +199,7 @@ class _MGUPOptimizer(Optimizer):
                          ("_adamw_ids", set())):  # MGUPMuon: ids of another process's tensors mean nothing
             self.__dict__.setdefault(key, val)
         self.__dict__.setdefault("_agreement", StepAgreement())
+        self.__dict__.setdefault("_given", {id(p): weakref.ref(p) for g in self.param_groups for p in g["params"]})
         self.__dict__.pop("_static", None)  # flat views of the state tensors this replaces
         for group in self.param_groups:
             for key, val in GROUP_DEFAULTS + (("rule", self.rule_name),):
@@ -231,8 +235,9 @@ class _MGUPOptimizer(Optimizer):
         tid = next((i for i, p in enumerate(p for g in self.param_groups for p in g["params"]) if p is param), None)
         if tid is None:
             raise ValueError("set_layout/layout_of: the tensor is not in this optimizer's param groups")
-        # a complex param is stepped as its real view: 2 coordinates an element
-        layout = dtensor_layout(param, tid) if is_dtensor(param) else whole_layout(real_of(param), tid)
+        given = self._given.get(id(param))
+        layout = default_layout(param, tid, replaced=given is None or given() is not param,
+                                whole_matrices="use_muon" in self.defaults)
         self._layouts[id(param)] = (param, layout)
         return layout
 

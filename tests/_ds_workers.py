@@ -6,6 +6,7 @@ invariants that need the live engine and return plain data for the test to asser
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -321,4 +322,29 @@ def worker_bad_configs(rank, world):
     del cfg["optimizer"]
     eng = _init(model, cfg, optimizer=client)
     out["client_offload"] = (find_mgup_optimizer(eng) is client, train_steps(eng, range(2), rank))
+    return out
+
+
+def worker_unregistered(rank, world, stages):
+    """A client MGUP optimizer handed to ``deepspeed.initialize`` without the registration
+    (no ``import mgup_dist.deepspeed``; ``zero_allow_untested_optimizer`` lets ZeRO take it,
+    as the HF Trainer sets it): each ZeRO stage must refuse by name, never step the flat
+    partitions with a per-buffer top-K.  Returns {stage: (error type, message) or losses}."""
+    import deepspeed
+
+    import mgup_dist
+
+    assert "mgup_dist.deepspeed" not in sys.modules
+    out = {}
+    for stage in stages:
+        model = make_model()
+        client = mgup_dist.MGUPAdamW(model.parameters(), lr=1e-2)
+        cfg = ds_config(stage, zero_allow_untested_optimizer=True)
+        del cfg["optimizer"]
+
+        def run():
+            engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, optimizer=client)
+            return train_steps(engine, range(2), rank)
+
+        out[stage] = _error_of(run) or "stepped"
     return out

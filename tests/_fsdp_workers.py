@@ -351,29 +351,43 @@ def _fsdp1_full_params(fsdp) -> Dict[str, torch.Tensor]:
         return {_clean(n): p.detach().clone() for n, p in fsdp.named_parameters()}
 
 
-def fsdp1_equivalence(rank, world, use_orig_params, cases, steps=3):
+def fsdp1_equivalence(rank, world, use_orig_params, cases, steps=3, attach=True):
     """cases: list of (key, opt_name, opt_kw, grad_kind).  Returns
-    {key: {name: max abs diff vs single process}} plus layout facts."""
+    {key: {name: max abs diff vs single process}} plus layout facts.  ``attach=False``:
+    the user forgot ``attach_fsdp1_layouts``; a case whose step refuses gives the error text."""
     from mgup_dist.integrations.fsdp import attach_fsdp1_layouts, fsdp1_muon_param_groups
 
-    out = {}
+    out = {"_attached": 0} if not attach else {}
     for key, opt_name, opt_kw, kind in cases:
         fsdp, full, modname = _fsdp1_model(use_orig_params)
         if opt_name == "MGUPMuon" and not use_orig_params:
             # one FlatParameter mixes matrices and vectors: refused, not silently AdamW
             opt = make_opt(opt_name, fsdp.parameters(), **opt_kw)
             try:
-                attach_fsdp1_layouts(opt, fsdp)
+                if attach:
+                    attach_fsdp1_layouts(opt, fsdp)
+                else:
+                    _set_fsdp1_grads(fsdp, modname, 0, kind, use_orig_params)
+                    opt.step()
                 out[key] = "accepted"
             except ValueError as e:
                 out[key] = f"ValueError: {e}"
             continue
         params = fsdp1_muon_param_groups(fsdp) if opt_name == "MGUPMuon" else fsdp.parameters()
         opt = make_opt(opt_name, params, **opt_kw)
-        out.setdefault("_attached", attach_fsdp1_layouts(opt, fsdp))
-        for step in range(steps):
-            _set_fsdp1_grads(fsdp, modname, step, kind, use_orig_params)
-            opt.step()
+        if attach:
+            out.setdefault("_attached", attach_fsdp1_layouts(opt, fsdp))
+        else:
+            _fsdp1_full_params(fsdp)  # FSDP's lazy init, as a training loop's first forward runs it
+        try:
+            for step in range(steps):
+                _set_fsdp1_grads(fsdp, modname, step, kind, use_orig_params)
+                opt.step()
+        except ValueError as e:
+            if attach:
+                raise
+            out[key] = f"ValueError: {e}"
+            continue
         got = _fsdp1_full_params(fsdp)
         names = list(full)
         ref = _reference(names, [full[n] for n in names], opt_name, steps, kind, opt_kw)
@@ -784,3 +798,38 @@ def layout_facts(rank, world):
         facts[f"fsdp1_{use_orig}_n_split_pieces"] = sum(
             1 for p in params for s in lays[p].segments if s.is_split)
     return facts
+
+
+def dtensor_placements(rank, world):
+    """MGUPAdamW stepping DTensors of placements other than FSDP2's Shard(0): Replicate is
+    whole on every rank (the same step as a plain tensor, bit for bit); Partial and
+    _StridedShard (FSDP2 over tensor parallelism) are refused at the first step by name.
+    Returns {placement: max abs diff vs a plain tensor, or the error text}."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    import mgup_dist
+
+    mesh = _mesh((world,))
+    full = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
+    grad = full_grad("dt", (8, 6), 0)
+    out = {}
+    for name, placement in (("replicate", Replicate()), ("partial", Partial()),
+                            ("strided_shard", _StridedShard(0, split_factor=2))):
+        if name == "partial":
+            p = torch.nn.Parameter(DTensor.from_local(full.clone(), mesh, [placement]))
+            p.grad = DTensor.from_local(grad.clone(), mesh, [placement])
+        else:
+            p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [placement]))
+            p.grad = distribute_tensor(grad.clone(), mesh, [placement])
+        opt = mgup_dist.MGUPAdamW([p], lr=1e-2)
+        try:
+            opt.step()
+        except ValueError as e:
+            out[name] = f"ValueError: {e}"
+            continue
+        ref = torch.nn.Parameter(full.clone())
+        ref.grad = grad.clone()
+        mgup_dist.MGUPAdamW([ref], lr=1e-2).step()
+        out[name] = _maxdiff(p.full_tensor(), ref)
+    return out

@@ -11,3 +11,17 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(pathlib.Path.home() / ".cac
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(_ROOT / "tests"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Timeouts are hang guards: every test's pytest timeout (its marker, else setup.cfg's)
+    is scaled by ``dist_utils.hang_guard``, as are the waits of spawned process groups."""
+    import pytest
+    from dist_utils import hang_guard
+
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        seconds = float(marker.args[0]) if marker is not None and marker.args else default
+        if seconds:
+            item.add_marker(pytest.mark.timeout(hang_guard(seconds)), append=False)

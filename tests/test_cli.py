@@ -174,8 +174,9 @@ def test_two_process_run_after_single_process_run_of_same_name_is_refused_clearl
                         "127.0.0.1", "--master_port", str(free_port()), "-m", "mgup_dist.train", *args],
                        capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=280)
     assert r.returncode != 0
-    # the reason, one line per rank, comes before torchrun's own traceback and summary
+    # the reason, one line (rank 0's), comes before torchrun's own traceback and summary
     at = r.stderr.find("mgup-dist train: error: resume:")
     assert 0 <= at < r.stderr.find("Traceback"), r.stderr[-3000:]
     assert "--name" in r.stderr[at:].splitlines()[0]
+    assert r.stderr.count("mgup-dist train: error") == 1, r.stderr[-3000:]
     assert "IndexError" not in r.stderr

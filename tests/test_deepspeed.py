@@ -214,3 +214,15 @@ def test_shipped_configs_are_headed_by_their_command(name):
     from mgup_dist.integrations.deepspeed import accepted_params
 
     assert set(cfg["optimizer"]["params"]) <= set(accepted_params("MGUPAdamW"))
+
+
+@pytest.mark.timeout(600)
+def test_client_optimizer_without_registration_refuses():
+    """Forgetting ``import mgup_dist.deepspeed`` with a client optimizer under ZeRO 1/2/3:
+    a one-line ValueError naming the import at the first step, on every rank alike."""
+    results = run_distributed(W.worker_unregistered, 2, [1, 2, 3], timeout=540)
+    for r, res in enumerate(results):
+        for stage, got in res.items():
+            assert got != "stepped", f"rank {r} ZeRO-{stage}: stepped the flat partitions with an unknown layout"
+            kind, msg = got
+            assert kind == "ValueError" and "import mgup_dist.deepspeed" in msg and "\n" not in msg, (r, stage, got)

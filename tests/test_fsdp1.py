@@ -51,3 +51,28 @@ def test_fsdp1_equals_single_device_world4():
              ("MGUPMuon/topk", "MGUPMuon", {"mode": "topk"}, "randn"),
              ("MGUPLion/topk/tied", "MGUPLion", {"mode": "topk"}, "tied")]
     _check(run_distributed(W.fsdp1_equivalence, 4, True, cases, 3, timeout=380), True)
+
+
+@pytest.mark.timeout(600)
+def test_fsdp1_without_attach_learns_or_refuses():
+    """A user who forgets attach_fsdp1_layouts: the optimizer holding FlatParameters learns
+    their layouts from the FlatParameter (same result as with attach, bit for bit); one
+    holding the original parameters (use_orig_params=True) refuses at the first step with a
+    line naming attach_fsdp1_layouts.  Never a per-buffer top-K in place of per-tensor."""
+    cases = [("MGUPAdamW/topk", "MGUPAdamW", {"mode": "topk"}, "randn"),
+             ("MGUPLion/topk/tied", "MGUPLion", {"mode": "topk"}, "tied"),
+             ("MGUPMuon/topk", "MGUPMuon", {"mode": "topk"}, "randn")]
+    for use_orig_params in (False, True):
+        results = run_distributed(W.fsdp1_equivalence, 2, use_orig_params, cases, 2, False, timeout=280)
+        for r, res in enumerate(results):
+            res.pop("_attached")
+            for key, diffs in res.items():
+                if use_orig_params or key.startswith("MGUPMuon"):
+                    assert isinstance(diffs, str) and diffs.startswith("ValueError"), (r, key, diffs)
+                    assert "\n" not in diffs
+                    want = "attach_fsdp1_layouts" if use_orig_params else "use_orig_params=True"
+                    assert want in diffs, (r, key, diffs)
+                    continue
+                moved = diffs.pop("_moved")
+                bad = {n: d for n, d in diffs.items() if d != 0.0}
+                assert not bad and moved > 0, (r, key, bad)

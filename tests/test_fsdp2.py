@@ -95,3 +95,15 @@ def test_fsdp2_no_deadlock_missing_grad_and_state_init():
                     assert not val["p0_unchanged"], (r, key)
                 assert val["p1_changed"], (r, key)
                 assert val["second_step_ok"], (r, key)
+
+
+@pytest.mark.timeout(300)
+def test_dtensor_placements_whole_or_refused():
+    """A DTensor placement the optimizer does not model is refused by name, never stepped
+    as if its local tensor were the whole parameter; Replicate is whole and steps as one device."""
+    for r, res in enumerate(run_distributed(W.dtensor_placements, 2, timeout=280)):
+        assert res["replicate"] == 0.0, (r, res)
+        for name in ("partial", "strided_shard"):
+            msg = res[name]
+            assert isinstance(msg, str) and msg.startswith("ValueError") and "set_layout" in msg, (r, name, msg)
+            assert "\n" not in msg

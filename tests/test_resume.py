@@ -112,3 +112,35 @@ def test_engine_checkpoints_resume_exactly(tmp_path, engine):
     assert "resumed at step 3" in stdout and again["start_step"] == 3 and again["steps"] == 6
     assert again["final_loss"] == full["final_loss"]
     assert again["final_val_loss"] == full["final_val_loss"]
+
+
+@pytest.mark.timeout(600)
+def test_more_steps_continue_a_finished_run(tmp_path, capsys):
+    """--steps 6 on a finished 4-step run trains steps 5-6 from its checkpoint: the lr of
+    steps 1-4 is the 4-step schedule's, then lr * min_lr_ratio (one printed line says so);
+    continuing again to 7 works; --steps below the checkpoint's step is refused."""
+    out = str(tmp_path / "c")
+    base = ["--save-every", "2", "--eval-every", "100", "--log-every", "1", "--global-batch", "4", "--seq-len", "32",
+            "--eval-tokens", "512", "--no-progress", "--no-plots", "--no-tensorboard", "--out-dir", out,
+            "--lr", "1e-3", "--min-lr-ratio", "0.25"]
+    first = run(base + ["--steps", "4"])
+    assert first["steps"] == 4
+    capsys.readouterr()
+    more = run(base + ["--steps", "6"])
+    printed = capsys.readouterr().out
+    assert more["start_step"] == 4 and more["steps"] == 6
+    assert "continuing" in printed and "cosine to step 4" in printed and "steps 5-6" in printed, printed
+    lrs = {}
+    for line in open(os.path.join(out, "metrics.jsonl")):
+        rec = json.loads(line)
+        if "lr" in rec:
+            lrs[rec["step"]] = rec["lr"]
+    from mgup_dist.train.optim import lr_lambda
+
+    for s in range(1, 7):
+        want = 1e-3 * lr_lambda(s - 1, warmup=1, total=4, min_ratio=0.25)
+        assert lrs[s] == pytest.approx(want, rel=1e-6), (s, lrs)
+    assert lrs[5] == lrs[6] == pytest.approx(2.5e-4)
+    assert run(base + ["--steps", "7"])["steps"] == 7   # a continued run continues again
+    with pytest.raises(ValueError, match="steps: .* is at step 7, past --steps 5"):
+        run(base + ["--steps", "5"])

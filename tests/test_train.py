@@ -127,10 +127,31 @@ def test_model_configs_match_builtin_and_galore_130m():
     (["--warmup-steps", "1000", "--steps", "10"], "warmup_steps"),
     (["--name", "../escape"], "name"),
     (["--opt-kwargs", "[1]"], "opt_kwargs"),
+    (["--lr", "-3e-4"], "lr"),          # a negative exponent form reaches validation, not argparse
+    (["--lr", "3e4"], "lr"),
+    (["--muon-lr", "-1e-2"], "muon_lr"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, argv, param):
     with pytest.raises(ValueError, match=f"^{param}:"):
         tcfg.parse(argv + ["--out-dir", str(tmp_path / "x")], world_size=2)
+    assert not (tmp_path / "x").exists()
+
+
+def test_optimizer_class_names_and_lr_and_opt_kwargs_errors(tmp_path):
+    out = ["--out-dir", str(tmp_path / "x")]
+    for name, want in (("MGUPAdamW", "mgup_adamw"), ("mgupadamw", "mgup_adamw"), ("CMGUPAdamW", "cmgup_adamw"),
+                       ("MGUPLion", "mgup_lion"), ("MGUPMuon", "mgup_muon"), ("AdamW", "adamw"),
+                       ("mgup_adamw", "mgup_adamw")):
+        assert tcfg.parse(["--optimizer", name] + out, world_size=1).optimizer == want
+    with pytest.raises(ValueError, match=r"^lr: must be positive and finite, got -0.0003$"):
+        tcfg.parse(["--lr", "-3e-4"] + out, world_size=1)
+    with pytest.raises(ValueError, match=r"^lr: 30000 is above 10: .*first step"):
+        tcfg.parse(["--lr", "3e4"] + out, world_size=1)
+    with pytest.raises(ValueError) as e:
+        tcfg.parse(["--opt-kwargs", '{"mask_ration": 0.3, "normalize": true}'] + out, world_size=1)
+    msg = str(e.value)
+    assert msg.startswith("opt_kwargs: MGUPAdamW takes no keyword 'mask_ration' (did you mean 'mask_ratio'?);")
+    assert "'normalize'" not in msg.split(";")[0]
     assert not (tmp_path / "x").exists()
 
 

@@ -21,7 +21,10 @@ FSDP1 (``FullyShardedDataParallel``)
     padding between them when ``use_orig_params=True``), is padded to a multiple of
     ``W`` and chunked evenly: rank ``r`` holds unsharded flat elements
     ``[r*S, (r+1)*S)`` with ``S`` the padded shard size.  Call
-    :func:`attach_fsdp1_layouts` once after building the optimizer (on every rank).
+    :func:`attach_fsdp1_layouts` once after building the optimizer (on every rank).  Without
+    it, an optimizer holding FlatParameters (``use_orig_params=False``) reads each one's
+    layout itself (:func:`mgup_dist.layout.flat_param_layout`, when sharded over all ranks),
+    and one holding original parameters refuses at its first step, naming this call.
 
 DDP / single process
     Every tensor is whole on every rank; the optimizer's default whole layout is

@@ -43,7 +43,7 @@ from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
-from ..layout import Layout, Segment
+from ..layout import Layout, Segment, whole_layout
 
 __all__ = [
     "MGUP_OPTIMIZER_NAMES",
@@ -206,6 +206,15 @@ def _swap_inner_optimizer(sub, cls, opts: Dict[str, Any], config) -> None:
         for shard, layout in layouts.items():
             new.set_layout(shard, layout)
         _add_placeholders(sub, collective)
+    else:
+        # whole tensors (the model's params or megatron's fp32 copies of them), assigned
+        # after construction: declared, since an optimizer refuses a tensor it was not
+        # built with and knows no layout of
+        tid = 0
+        for g in new.param_groups:
+            for p in g["params"]:
+                new.set_layout(p, whole_layout(p, tid))
+                tid += 1
     sub.init_state_fn = _init_state_fn
     sub.__class__ = _checkpoint_safe_class(type(sub))
 

@@ -19,6 +19,9 @@ __all__ = ["OPTIMIZER_NAMES", "ENGINES", "parse", "validate", "resolve_model_con
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
+#: --lr / --muon-lr above this are refused (see validate)
+MAX_LR = 10.0
+
 OPTIMIZER_NAMES = ("adamw", "cautious_adamw", "mgup_adamw", "cmgup_adamw", "lion", "mgup_lion", "muon", "mgup_muon")
 ENGINES = ("ddp", "fsdp2", "deepspeed")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -216,7 +219,7 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
     """Parse and validate.  Raises ValueError (never SystemExit) for bad values; argparse
     still exits for malformed flags and ``--help``."""
     p = _parser()
-    argv = list(argv) if argv is not None else []
+    argv = _attach_negative_values(p, argv if argv is not None else [])
     pre, _ = p.parse_known_args(argv)
     if pre.config:
         file_values = _load_config_file(pre.config)
@@ -231,6 +234,34 @@ def parse(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world_size)
     return cfg
+
+
+def _attach_negative_values(p: argparse.ArgumentParser, argv: Sequence[str]) -> list:
+    """``--lr -3e-4`` -> ``--lr=-3e-4``: argparse takes a value that starts with '-' and is not
+    a plain decimal (an exponent) for a flag and fails with "expected one argument"; joined,
+    the value reaches validation and gets its own one-line error."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        act = p._option_string_actions.get(out[i])
+        if act is None or act.nargs is not None or not out[i + 1].startswith("-"):
+            continue
+        try:
+            float(out[i + 1])
+        except ValueError:
+            continue
+        out[i], out[i + 1] = f"{out[i]}={out[i + 1]}", None
+    return [a for a in out if a is not None]
+
+
+def canonical_optimizer_name(name):
+    """The recipe's name for ``name``, which may also be a class name, in any case
+    (``MGUPAdamW``, ``mgupadamw`` -> ``mgup_adamw``; ``AdamW`` -> ``adamw``), as DeepSpeed's
+    ``optimizer.type`` matches; unknown names are returned unchanged (validation names them)."""
+    if not isinstance(name, str):
+        return name
+    key = name.replace("_", "").replace("-", "").lower()
+    table = {n.replace("_", ""): n for n in OPTIMIZER_NAMES}
+    return table.get(key, name)
 
 
 def _read_json_object(path, flag: str, what: str) -> Dict:
@@ -305,8 +336,10 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
     def bad(param, msg):
         raise ValueError(f"{param}: {msg}")
 
+    cfg.optimizer = canonical_optimizer_name(cfg.optimizer)
     if cfg.optimizer not in OPTIMIZER_NAMES:
-        bad("optimizer", f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZER_NAMES)}")
+        bad("optimizer", f"unknown optimizer {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZER_NAMES)} (or their class "
+                         "names in any case, e.g. MGUPAdamW)")
     if cfg.engine not in ENGINES:
         bad("engine", f"unknown engine {cfg.engine!r}; allowed: {', '.join(ENGINES)}")
     if cfg.optimizer == "muon" and cfg.engine != "ddp":
@@ -362,14 +395,22 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
     cfg.world_size = world_size
     if cfg.eval_micro_batch is None:
         cfg.eval_micro_batch = cfg.micro_batch
+    cfg.warmup_given = cfg.warmup_steps is not None   # a continued run keeps its checkpoint's warmup otherwise
     if cfg.warmup_steps is None:
         cfg.warmup_steps = max(1, cfg.steps // 10)
+    cfg.schedule_steps = cfg.steps
     if not 0 <= cfg.warmup_steps <= cfg.steps:
         bad("warmup_steps", f"must be in [0, steps={cfg.steps}], got {cfg.warmup_steps}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         bad("min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        bad("lr", f"must be positive and finite, got {cfg.lr}")
+    for name in ("lr", "muon_lr"):
+        v = getattr(cfg, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            bad(name, f"must be positive and finite, got {v}")
+        if v is not None and v > MAX_LR:
+            bad(name, f"{v:g} is above {MAX_LR:g}: every optimizer here scales its step by lr (Adam's and Lion's "
+                      f"steps are about lr per coordinate), so the weights would leave any trained range at the first "
+                      f"step; typical values are 1e-4 to 2e-2")
     for name in ("weight_decay", "eps", "muon_lr", "beta1", "beta2"):
         v = getattr(cfg, name)
         if v is not None and not math.isfinite(v):
@@ -393,6 +434,9 @@ def validate(cfg: argparse.Namespace, world_size: int) -> None:
         if not isinstance(cfg.opt_kwargs, dict):
             bad("opt_kwargs", "must be a JSON object")
     if cfg.opt_kwargs:
+        from .optim import check_opt_kwargs
+
+        check_opt_kwargs(cfg.optimizer, cfg.opt_kwargs)   # unknown keys named alone, with a did-you-mean
         # One source of truth: a setting with its own flag is set by that flag (which
         # config.json, the resume checks and the DeepSpeed file checks all read).
         # The MGUP flags default to unset: the kwarg may carry them then (a baseline run
@@ -472,14 +516,15 @@ def _check_out_dir(out_dir: str) -> None:
 # What must match for an automatic resume to be the same run.
 _FINGERPRINT_KEYS = ("model", "optimizer", "engine", "steps", "global_batch", "seq_len", "lr", "dataset",
                      "tokenizer", "seed", "min_lr_ratio", "warmup_steps", "weight_decay", "mask_ratio", "alpha",
-                     "gamma", "tau", "scope", "packing", "pysource_roots", "pysource_max_bytes")
+                     "gamma", "tau", "scope", "packing", "pysource_roots", "pysource_max_bytes", "schedule_steps")
 
 
 def fingerprint(cfg) -> Dict:
     """The settings that make a run the same run, as the optimizer resolves them: passing
     a default explicitly (--tau 0.5, --mask-ratio 0.5) is no change.  The vocabulary is
     compared after the tokenizer is built (--vocab-size auto may equal the model's)."""
-    fp = {k: getattr(cfg, k) for k in _FINGERPRINT_KEYS}
+    fp = {k: getattr(cfg, k, None) for k in _FINGERPRINT_KEYS}
+    fp["schedule_steps"] = fp["schedule_steps"] or cfg.steps
     if cfg.optimizer not in ("adamw", "muon"):
         from .optim import optimizer_spec
 

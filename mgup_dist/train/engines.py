@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .data import IGNORE_INDEX
-from .optim import CosineWithWarmup, build_optimizer, build_scheduler, optimizer_spec, param_groups
+from .optim import CosineWithWarmup, build_optimizer, build_scheduler, optimizer_spec, param_groups, schedule_steps
 
 __all__ = ["build_engine", "Engine", "load_optimizer_state"]
 
@@ -200,6 +201,18 @@ class FSDP2Engine(Engine):
         self.scheduler.load_state_dict(_load_file(os.path.join(path, "scheduler.pt")))
 
 
+@contextlib.contextmanager
+def _deepspeed_calls():
+    """Around the recipe's calls into DeepSpeed only: DeepSpeed 0.19 gathers ZeRO partitions
+    and reduces gradients with ``torch.distributed.all_gather_into_tensor`` /
+    ``reduce_scatter_tensor``, which torch 2.13 deprecates with a FutureWarning on every
+    rank; those warnings (and only they) are not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                "is deprecated", category=FutureWarning)
+        yield
+
+
 class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` with the optimizer named in the DeepSpeed config
     (``{"type": "MGUPAdamW", "params": {...}}``, resolvable after
@@ -239,11 +252,12 @@ class DeepSpeedEngine(Engine):
         ds.setdefault("steps_per_print", 10 ** 9)
         ds.setdefault("wall_clock_breakdown", False)
         self.ds_config = ds
-        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=groups, config=ds,
-            lr_scheduler=lambda opt: CosineWithWarmup(opt, warmup=cfg.warmup_steps, total=cfg.steps,
-                                                      min_ratio=cfg.min_lr_ratio),
-        )
+        with _deepspeed_calls():
+            self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, model_parameters=groups, config=ds,
+                lr_scheduler=lambda opt: CosineWithWarmup(opt, warmup=cfg.warmup_steps, total=schedule_steps(cfg),
+                                                          min_ratio=cfg.min_lr_ratio),
+            )
         _apply_timeout(cfg.timeout)
 
     def load(self, path: str) -> None:
@@ -258,8 +272,9 @@ class DeepSpeedEngine(Engine):
 
     def forward_backward(self, ids, last: bool):
         loss, _ = self._loss(self.model, ids)
-        self.model.backward(loss)   # divides by gradient_accumulation_steps itself
-        self.model.step()           # steps optimizer + scheduler at the accumulation boundary only
+        with _deepspeed_calls():
+            self.model.backward(loss)   # divides by gradient_accumulation_steps itself
+            self.model.step()           # steps optimizer + scheduler at the accumulation boundary only
         return loss.detach()
 
     def step(self) -> torch.Tensor:

@@ -150,6 +150,43 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
 
+def accepted_kwargs(cls) -> List[str]:
+    """The keyword arguments ``cls``'s constructor takes (following ``**kwargs`` up the MRO)."""
+    import inspect
+
+    keys: List[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        forwards = False
+        for name, p in inspect.signature(init).parameters.items():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                forwards = True
+            elif name not in ("self", "params") and name not in keys:
+                keys.append(name)
+        if not forwards:
+            break
+    return keys
+
+
+def check_opt_kwargs(optimizer: str, opt_kwargs: Dict) -> None:
+    """ValueError naming each ``--opt-kwargs`` key the optimizer does not take (with the
+    closest accepted name), before anything is built."""
+    import difflib
+
+    cls = optimizer_class(_TABLE[optimizer][0] or _PLAIN[optimizer])
+    accepted = accepted_kwargs(cls)
+    unknown = [k for k in opt_kwargs if k not in accepted]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), accepted, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"opt_kwargs: {cls.__name__} takes no keyword {', '.join(hints)}; accepted: "
+                         f"{', '.join(accepted)}")
+
+
 def optimizer_class(class_name: str):
     if class_name == "AdamW":
         return torch.optim.AdamW
@@ -195,4 +232,10 @@ class CosineWithWarmup(torch.optim.lr_scheduler.LambdaLR):
 
 
 def build_scheduler(optimizer, cfg):
-    return CosineWithWarmup(optimizer, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+    return CosineWithWarmup(optimizer, warmup=cfg.warmup_steps, total=schedule_steps(cfg), min_ratio=cfg.min_lr_ratio)
+
+
+def schedule_steps(cfg) -> int:
+    """The step at which the cosine reaches ``lr * min_lr_ratio``: ``--steps``, or, for a run
+    continued past its first ``--steps``, that first total (the lr then stays at the minimum)."""
+    return getattr(cfg, "schedule_steps", None) or cfg.steps

@@ -52,11 +52,12 @@ def lr_schedule(cfg: Dict) -> List[tuple]:
     try:
         lr, steps = float(cfg["lr"]), int(cfg["steps"])
         warmup, min_ratio = int(cfg["warmup_steps"]), float(cfg["min_lr_ratio"])
+        total = int(cfg.get("schedule_steps") or steps)  # a continued run keeps its first schedule
     except (KeyError, TypeError, ValueError):
         return []
     from .optim import lr_lambda
 
-    return [(s, lr * lr_lambda(s - 1, warmup=warmup, total=steps, min_ratio=min_ratio)) for s in range(1, steps + 1)]
+    return [(s, lr * lr_lambda(s - 1, warmup=warmup, total=total, min_ratio=min_ratio)) for s in range(1, steps + 1)]
 
 
 def plot_runs(run_dirs: Sequence[str], out_dir: str, title: Optional[str] = None) -> List[str]:

@@ -479,9 +479,12 @@ def _decide(fn):
 def _check_resume_state(cfg, state: Dict, path: str, world: int) -> Dict:
     """Refusals (ValueError, before any work) of a checkpoint written by another run
     configuration; returns the applied setting changes."""
-    now_fp, old_fp = fingerprint(cfg), state["fingerprint"]
-    applied = _SELECTION_SETTINGS if cfg.optimizer != "adamw" else ()
-    mismatch = {k: (v, old_fp.get(k)) for k, v in now_fp.items() if old_fp.get(k) != v and k not in applied}
+    _continue_schedule(cfg, state, path)
+    now_fp, old_fp = fingerprint(cfg), dict(state["fingerprint"])
+    old_fp.setdefault("schedule_steps", old_fp.get("steps"))   # written before runs could be continued
+    applied = _SELECTION_SETTINGS if cfg.optimizer not in ("adamw", "muon") else ()
+    mismatch = {k: (v, old_fp.get(k)) for k, v in now_fp.items()
+                if k != "steps" and old_fp.get(k) != v and k not in applied}
     if mismatch:
         raise ValueError(
             f"resume: {path!r} was written by a different run configuration "
@@ -512,13 +515,39 @@ def _apply_selection_settings(optimizer, cfg) -> None:
             group.update({k: fp[k] for k in _SELECTION_SETTINGS}, tau=None)
 
 
+def _continue_schedule(cfg, state: Dict, path: str) -> None:
+    """``--steps`` may differ from the checkpoint's run: a finished run trains on, an
+    unfinished one ends elsewhere.  The lr schedule is the checkpoint's (its warmup, and its
+    cosine reaching ``lr * min_lr_ratio`` at the step count it was started with); past that
+    step the lr stays at the minimum.  So the steps already taken keep the lr they had, and
+    a run continued from N to M steps equals one started with M steps whose schedule ends at N.
+    Refused: ``--steps`` below the checkpoint's step, and another ``--warmup-steps``."""
+    fp = state["fingerprint"]
+    done = int(state["step"])
+    if cfg.steps < done:
+        raise ValueError(f"steps: {path!r} is at step {done}, past --steps {cfg.steps}; pass --steps {done} or more "
+                         "to continue it, or start a new run (--resume never or another --name)")
+    cfg.schedule_steps = int(fp.get("schedule_steps") or fp["steps"])
+    saved_warmup = fp.get("warmup_steps")
+    if not getattr(cfg, "warmup_given", True) and saved_warmup is not None:
+        cfg.warmup_steps = int(saved_warmup)   # the default (10% of --steps) follows the schedule already run
+    if cfg.steps != fp["steps"] and (not dist.is_initialized() or dist.get_rank() == 0):
+        tail = (f"then holds lr x min_lr_ratio = {cfg.lr * cfg.min_lr_ratio:.3g} for steps "
+                f"{cfg.schedule_steps + 1}-{cfg.steps}" if cfg.steps > cfg.schedule_steps
+                else f"and stops at step {cfg.steps}")
+        print(f"[mgup-dist train] continuing {cfg.name} from step {done} to {cfg.steps} (was {fp['steps']}): the lr "
+              f"schedule keeps its {cfg.warmup_steps} warmup step{'s' if cfg.warmup_steps != 1 else ''} and its cosine "
+              f"to step {cfg.schedule_steps}, "
+              f"{tail}", flush=True)
+
+
 # Settings outside the fingerprint that a resume cannot change: the checkpoint's optimizer
 # state was built with them (param groups carry betas/eps/extra kwargs, which
 # load_state_dict would silently restore), or they change the numerics of the weights
 # (precision) or the model itself (the model file's contents) or the DeepSpeed layout.
 _REFUSED_ON_RESUME = ("bf16", "beta1", "beta2", "eps", "opt_kwargs", "muon_lr", "deepspeed_config", "model_config")
 # Bookkeeping, not settings of the run.
-_IGNORED_ON_RESUME = ("resume", "local_rank", "config", "device_obj", "deepspeed_dict", "name")
+_IGNORED_ON_RESUME = ("resume", "local_rank", "config", "device_obj", "deepspeed_dict", "name", "warmup_given")
 
 
 def _report_resume(out_dir: str, path: str, step: int, changed: Dict) -> None:
