@@ -11,12 +11,20 @@ ratios compare like with like:
 * ``naive topk+scatter``: a straightforward MGUP-AdamW as in the authors' repository (per
   tensor ``torch.topk`` of the scores, then a scatter into a mask);
 * ``MGUPAdamW`` (top-K), ``CMGUPAdamW`` (cautious), ``MGUPLion``, ``MGUPMuon`` with
-  ``foreach=True``, eager and (rows ``+compile``) with ``compile=True``: fused
-  ``torch.compile`` kernels and a threshold select (Muon: its AdamW-fallback params).
+  ``foreach=True``, eager (the default step: on the CPU the C++ kernels of
+  ``mgup_dist.kernels.cpu_ext``) and (rows ``+compile``) with ``compile=True``: fused
+  ``torch.compile`` kernels and a threshold select (Muon: its AdamW-fallback params);
+* with ``--deepspeed-cpu-adam``: ``deepspeed.ops.adam.DeepSpeedCPUAdam``, the optimizer
+  ZeRO-Offload runs on the CPU (built by DeepSpeed at first use, minutes; the row is
+  skipped with the reason printed where its op cannot be built).
 
-The table reports the median step time after warm-up (compilation, state allocation and
+The optimizers of every row except the naive and the Muon ones are built first and then
+stepped in turn, one step each per round (interleaved): a burst of load from other
+processes hits every row alike, so the ratios of one run compare like with like.  The
+table reports the median step time after warm-up (compilation, state allocation and
 first-touch of memory happen in the warm-up steps) and its ratio to the fused and the
-foreach AdamW, plus the speed-up over the naive top-K implementation at the same mask ratio.
+foreach AdamW (and to DeepSpeedCPUAdam when measured), plus the speed-up over the naive
+top-K implementation at the same mask ratio.
 """
 from __future__ import annotations
 
@@ -41,12 +49,16 @@ class LlamaConfig:
     layers: int
     heads: int
     vocab: int
+    lm_head: bool = True  # False: tied embeddings (no separate output matrix)
 
 
 #: LLaMA configs of the GaLore / MGUP pre-training recipes (plus a tiny one for smoke tests).
 MODELS: Dict[str, LlamaConfig] = {
     "llama130m": LlamaConfig(hidden=768, intermediate=2048, layers=12, heads=12, vocab=32000),
     "llama60m": LlamaConfig(hidden=512, intermediate=1376, layers=8, heads=8, vocab=32000),
+    # 27.4M parameters in 56 tensors: 1 x 32000x512 (59.8 % of the model), 42 x 512x512 (24
+    # attention, 18 MLP matrices), 13 x 512 norms: many mid-sized tensors beside one large one
+    "set27m": LlamaConfig(hidden=512, intermediate=512, layers=6, heads=8, vocab=32000, lm_head=False),
     # the trainer's tiny model (configs/models/llama_tiny.json; tests/test_cli.py keeps them equal)
     "tiny": LlamaConfig(hidden=128, intermediate=352, layers=4, heads=4, vocab=259),
 }
@@ -62,7 +74,9 @@ def llama_shapes(cfg: LlamaConfig) -> List[Tuple[str, Tuple[int, ...]]]:
         shapes += [(pre + "mlp.gate_proj.weight", (f, h)), (pre + "mlp.up_proj.weight", (f, h)),
                    (pre + "mlp.down_proj.weight", (h, f))]
         shapes += [(pre + "input_layernorm.weight", (h,)), (pre + "post_attention_layernorm.weight", (h,))]
-    shapes += [("norm.weight", (h,)), ("lm_head.weight", (cfg.vocab, h))]
+    shapes += [("norm.weight", (h,))]
+    if cfg.lm_head:
+        shapes += [("lm_head.weight", (cfg.vocab, h))]
     return shapes
 
 
@@ -120,10 +134,41 @@ class Row:
     times_ms: List[float]
     vs_fused: float = float("nan")
     vs_foreach: float = float("nan")
+    vs_ds: float = float("nan")  # x DeepSpeedCPUAdam
     naive_speedup: float = float("nan")
     state_bpp: float = float("nan")  # optimizer state, bytes per parameter
     held_bpp: float = float("nan")  # state + buffers kept between steps (CPU scratch), bytes per parameter
     peak_mb: float = float("nan")  # extra memory at the peak of one step, MB
+
+
+def _interleaved(opts: Sequence[torch.optim.Optimizer], steps: int, warmup: int, device: torch.device) -> List[List[float]]:
+    """Step times (ms) of every optimizer, one step each per round, ``steps`` rounds after
+    ``warmup`` untimed ones."""
+    from mgup_dist.device import synchronize
+
+    for _ in range(warmup):
+        for opt in opts:
+            opt.step()
+    synchronize(device)
+    out: List[List[float]] = [[] for _ in opts]
+    for _ in range(steps):
+        for opt, ts in zip(opts, out):
+            t0 = time.perf_counter()
+            opt.step()
+            synchronize(device)
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def deepspeed_cpu_adam(params, lr: float):
+    """``DeepSpeedCPUAdam(params)`` (AdamW mode), or the reason it cannot be had here."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, adamw_mode=True, weight_decay=1e-2), None
+    except Exception as e:  # not installed, no compiler, a failed build: the row is skipped
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return None, f"{type(e).__name__}: {first}"
 
 
 def _time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int, device: torch.device) -> List[float]:
@@ -189,6 +234,7 @@ def run_bench(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
+    deepspeed_cpu_adam_row: bool = False,
 ) -> List[Row]:
     """Time every optimizer on the model's shapes; returns the rows of the table."""
     from mgup_dist.device import fused_adamw_available, resolve_device
@@ -219,30 +265,38 @@ def run_bench(
     log(f"{model}: {len(params)} tensors, {n_params / 1e6:.1f}M params, {dtype}, device {dev}, "
         f"threads {torch.get_num_threads()}")
 
-    def measure(name, ratio, make, n_steps, n_warmup=warmup, compiled=False):
+    def finish(name, ratio, opt, times, compiled=False):
         from mgup_dist.memory import held_bytes, state_bytes, step_peak_bytes
 
-        opt = make()
-        times = _time_steps(opt, n_steps, n_warmup, dev)
         peak = step_peak_bytes(opt.step, dev, compiled)  # one more step, untimed
         row = Row(name, ratio, statistics.median(times), times, state_bpp=state_bytes(opt) / n_params,
                   held_bpp=held_bytes(opt) / n_params, peak_mb=peak / 2**20)
-        del opt
-        gc.collect()
         log(f"  {name:<24} mask_ratio={'-' if ratio is None else ratio}: {row.median_ms:9.1f} ms, "
             f"state {row.state_bpp:.2f} B/param, held {row.held_bpp:.2f} B/param, step peak +{row.peak_mb:.1f} MB")
         return row
 
-    rows: List[Row] = []
+    def measure(name, ratio, make, n_steps, n_warmup=warmup, compiled=False):
+        opt = make()
+        row = finish(name, ratio, opt, _time_steps(opt, n_steps, n_warmup, dev), compiled)
+        del opt
+        gc.collect()
+        return row
+
+    # (name, mask_ratio, make, compiled) of the interleaved rows, in table order
+    together: List[Tuple[str, Optional[float], Callable, bool]] = []
     if fused_adamw_available(dev):
-        rows.append(measure("AdamW(fused)", None, lambda: torch.optim.AdamW(params, lr=1e-3, fused=True), steps))
-    rows.append(measure("AdamW(foreach)", None, lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True), steps))
-    naive: Dict[float, float] = {}
-    for r in mask_ratios:
-        row = measure("naive topk+scatter", r, lambda: NaiveTopkMGUPAdamW(params, lr=1e-3, mask_ratio=r), naive_steps,
-                      min(warmup, 1))  # no compilation: one step allocates its state
-        naive[r] = row.median_ms
-        rows.append(row)
+        together.append(("AdamW(fused)", None, lambda: torch.optim.AdamW(params, lr=1e-3, fused=True), False))
+    together.append(("AdamW(foreach)", None, lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True), False))
+    if deepspeed_cpu_adam_row:
+        if dev.type != "cpu":
+            log(f"  DeepSpeedCPUAdam: skipped (it steps CPU tensors; the params are on {dev})")
+        else:
+            ds, why = deepspeed_cpu_adam(params, 1e-3)
+            if ds is None:
+                log(f"  DeepSpeedCPUAdam: skipped ({why})")
+            else:
+                together.append(("DeepSpeedCPUAdam", None, lambda: ds, False))
+    later: List[Tuple[str, Optional[float], Callable, bool, int]] = []  # Muon: one after the other
     facts = _factories(optimizers, adamw_only)
     for name, make in facts.items():
         ratios = [None] if name in _RATIO_FREE else list(mask_ratios)
@@ -253,20 +307,44 @@ def run_bench(
         for c in modes:
             for r in ratios:
                 label = name + ("+compile" if c else "")
-                rows.append(measure(label, r, lambda: make(params, 0.5 if r is None else r, c),
-                                    muon_steps if muon else steps, compiled=c))
+                mk = (lambda make=make, r=r, c=c: make(params, 0.5 if r is None else r, c))
+                if muon:
+                    later.append((label, r, mk, c, muon_steps))
+                else:
+                    together.append((label, r, mk, c))
+
+    rows: List[Row] = []
+    opts = [make() for _, _, make, _ in together]
+    times = _interleaved(opts, steps, warmup, dev)
+    for (name, r, _, c), opt, ts in zip(together, opts, times):
+        rows.append(finish(name, r, opt, ts, c))
+    del opts
+    gc.collect()
+    naive: Dict[float, float] = {}
+    at = 3 if "DeepSpeedCPUAdam" in [n for n, *_ in together] else 2
+    at = at if fused_adamw_available(dev) else at - 1
+    for r in mask_ratios:
+        row = measure("naive topk+scatter", r, lambda: NaiveTopkMGUPAdamW(params, lr=1e-3, mask_ratio=r), naive_steps,
+                      min(warmup, 1))  # no compilation: one step allocates its state
+        naive[r] = row.median_ms
+        rows.insert(at, row)
+        at += 1
+    for label, r, mk, c, n in later:
+        rows.append(measure(label, r, mk, n, compiled=c))
 
     base = {row.name: row.median_ms for row in rows if row.mask_ratio is None}
     for row in rows:
         if "AdamW(fused)" in base:
             row.vs_fused = row.median_ms / base["AdamW(fused)"]
         row.vs_foreach = row.median_ms / base["AdamW(foreach)"]
+        if "DeepSpeedCPUAdam" in base:
+            row.vs_ds = row.median_ms / base["DeepSpeedCPUAdam"]
         ref = naive.get(row.mask_ratio) if row.mask_ratio is not None else naive.get(0.5, next(iter(naive.values())))
         row.naive_speedup = ref / row.median_ms
     return rows
 
 
-HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "speed-up vs naive",
+HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "x DeepSpeedCPUAdam", "speed-up vs naive",
           "state B/param", "held B/param", "step peak MB")
 
 
@@ -277,7 +355,7 @@ def format_table(rows: Iterable[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     for r in rows:
         cells = (r.name, f(r.mask_ratio, "g"), f(r.median_ms, ".1f"), f(r.vs_fused, ".2f") + "x",
-                 f(r.vs_foreach, ".2f") + "x", f(r.naive_speedup, ".1f") + "x", f(r.state_bpp, ".2f"),
+                 f(r.vs_foreach, ".2f") + "x", f(r.vs_ds, ".2f") + "x", f(r.naive_speedup, ".1f") + "x", f(r.state_bpp, ".2f"),
                  f(r.held_bpp, ".2f"), f(r.peak_mb, ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -301,6 +379,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
                     help="MGUP optimizers eager (foreach), with compile=True (fused torch.compile kernels), "
                          "or both (default)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--deepspeed-cpu-adam", action="store_true",
+                    help="add DeepSpeedCPUAdam (ZeRO-Offload's CPU optimizer) and its ratio column; DeepSpeed builds "
+                         "its op at first use (minutes, cached in TORCH_EXTENSIONS_DIR)")
     ap.add_argument("--device", default=None, help="cpu | cuda | npu | auto (default: auto)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--seed", type=int, default=0)
@@ -315,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         model=args.model, mask_ratios=args.mask_ratio, steps=args.steps, warmup=args.warmup,
         naive_steps=args.naive_steps, muon_steps=args.muon_steps, optimizers=args.optimizers, device=args.device,
         compile_modes={"off": (False,), "on": (True,), "both": (False, True)}[args.compile],
-        dtype=getattr(torch, args.dtype), seed=args.seed, log=log,
+        dtype=getattr(torch, args.dtype), seed=args.seed, log=log, deepspeed_cpu_adam_row=args.deepspeed_cpu_adam,
     )
     print(format_table(rows), flush=True)
     return rows

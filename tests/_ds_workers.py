@@ -322,3 +322,37 @@ def worker_bad_configs(rank, world):
     eng = _init(model, cfg, optimizer=client)
     out["client_offload"] = (find_mgup_optimizer(eng) is client, train_steps(eng, range(2), rank))
     return out
+
+
+# --------------------------------------------------------------------------------------
+# 3. ZeRO-Offload: the CPU step of the C++ kernels on the flat fp32 partitions
+# --------------------------------------------------------------------------------------
+def worker_offload_fast_path(rank, world, cases, steps=3):
+    """As ``worker_exact``, and per case the CPU kernel calls (``cpu_ext.calls``) that the
+    engine's steps made on this rank, and the fp32 partitions' dtype and device."""
+    import mgup_dist
+    from mgup_dist.integrations.deepspeed import find_mgup_optimizer
+    from mgup_dist.kernels import cpu_ext
+
+    out = {"ext": cpu_ext.available()}
+    for name, cfg, ref_kwargs in cases:
+        ref_model = make_model()
+        ref_opt = mgup_dist.OPTIMIZERS[cfg["optimizer"]["type"]](ref_model.parameters(), **ref_kwargs)
+        for step in range(steps):
+            x, y = batch(step, 0)
+            ref_opt.zero_grad()
+            torch.nn.functional.mse_loss(ref_model(x), y).backward()
+            ref_opt.step()
+        engine = _init(make_model(), cfg)
+        opt = find_mgup_optimizer(engine)
+        cpu_ext.calls.clear()
+        train_steps(engine, range(steps), rank, same_data=True)
+        calls = dict(cpu_ext.calls)
+        got = full_params(engine)
+        flat = [p for g in opt.param_groups for p in g["params"]]
+        out[name] = {
+            "diffs": [float((a - b.detach()).abs().max()) for a, b in zip(got, ref_model.parameters())],
+            "calls": calls,
+            "partitions": sorted({(str(p.dtype), p.device.type) for p in flat}),
+        }
+    return out
