@@ -349,10 +349,12 @@ def worker_offload_fast_path(rank, world, cases, steps=3):
         train_steps(engine, range(steps), rank, same_data=True)
         calls = dict(cpu_ext.calls)
         got = full_params(engine)
-        flat = [p for g in opt.param_groups for p in g["params"]]
+        # the moments live beside the fp32 partitions they step (ZeRO-3 swaps its sub-groups in
+        # and out of the param groups around each step: read the state)
+        moments = [v for st in opt.state.values() for k, v in st.items() if k.startswith("exp_avg") and torch.is_tensor(v)]
         out[name] = {
             "diffs": [float((a - b.detach()).abs().max()) for a, b in zip(got, ref_model.parameters())],
             "calls": calls,
-            "partitions": sorted({(str(p.dtype), p.device.type) for p in flat}),
+            "partitions": sorted({(str(v.dtype), v.device.type) for v in moments}),
         }
     return out
