@@ -67,9 +67,25 @@ std::vector<Item> items_of(const std::vector<int64_t>& lengths) {
   return out;
 }
 
+// Work under PAR_MIN elements runs on the calling thread: an OpenMP region ends in a barrier
+// that waits for every thread, and on a machine busy with other processes a descheduled
+// thread makes that wait a scheduler time slice, far more than a small pass costs.
+constexpr int64_t PAR_MIN = 1 << 19;
+
+template <typename F>
+void par_for(int64_t n, int64_t work, F&& f) {
+  if (n < 2 || work < PAR_MIN || at::get_num_threads() < 2) {
+    if (n > 0) f(int64_t(0), n);
+    return;
+  }
+  at::parallel_for(0, n, 1, f);
+}
+
 template <typename F>
 void for_items(const std::vector<Item>& items, F&& f) {
-  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t i0, int64_t i1) {
+  int64_t work = 0;
+  for (auto& it : items) work += it.b - it.a;
+  par_for((int64_t)items.size(), work, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) f(items[i]);
   });
 }
@@ -409,7 +425,7 @@ template <typename K>
 void lower_ties(K* a, int64_t n, K t, int64_t need) {
   const int64_t nb = (n + SBLK - 1) / SBLK;
   std::vector<int64_t> cnt(nb + 1, 0);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  par_for(nb, n, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const K* x = a + b * SBLK;
       int64_t e = std::min(SBLK, n - b * SBLK), c = 0;
@@ -418,7 +434,7 @@ void lower_ties(K* a, int64_t n, K t, int64_t need) {
     }
   });
   for (int64_t b = 0; b < nb; ++b) cnt[b + 1] += cnt[b];
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  par_for(nb, n, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       if (cnt[b + 1] <= need) continue;
       int64_t keep = std::max<int64_t>(0, need - cnt[b]);
@@ -456,7 +472,9 @@ at::Tensor select_t(at::Tensor keys, const std::vector<int64_t>& off, const std:
     (len[u] <= small_unit || ks[u] == len[u] ? small : big).push_back(u);
   }
   // small units: one per thread at a time
-  at::parallel_for(0, (int64_t)small.size(), 1, [&](int64_t s0, int64_t s1) {
+  int64_t small_work = 0;
+  for (int64_t u : small) small_work += len[u];
+  par_for((int64_t)small.size(), small_work, [&](int64_t s0, int64_t s1) {
     std::vector<K> buf;
     for (int64_t s = s0; s < s1; ++s) {
       int64_t u = small[s];
@@ -495,7 +513,7 @@ at::Tensor select_t(at::Tensor keys, const std::vector<int64_t>& off, const std:
     const int64_t nb = (n + SBLK - 1) / SBLK;
     std::vector<int64_t> gts(nb, 0), ins(nb, 0);
     std::vector<std::vector<K>> cands(nb);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    par_for(nb, n, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         int64_t e = std::min(SBLK, n - b * SBLK);
         count_block<K>(a + b * SBLK, e, lo, hi, want, gts[b], ins[b], cands[b]);
@@ -592,7 +610,9 @@ inline void keys_sub(const float* __restrict g, const float* __restrict m, const
 template <int R, bool MAX, bool AUTH>
 void topk_score_t(const Ptrs& P, const std::vector<int64_t>& L, const float* C, const std::vector<bool>& hist, int64_t* H) {
   auto items = items_of(L);
-  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t i0, int64_t i1) {
+  int64_t work = 0;
+  for (int64_t l : L) work += l;
+  par_for((int64_t)items.size(), work, [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> h(2 * HBINS, 0);  // two interleaved histograms: fewer store-to-load stalls on a hot bin
     int64_t cur = -1;
     auto flush = [&]() {
@@ -663,7 +683,7 @@ struct Unit {
   template <typename F>
   void blocks(F&& f) const {
     const int64_t nb = (n + BLK - 1) / BLK;
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    par_for(nb, n, [&](int64_t b0, int64_t b1) {
       alignas(64) int32_t kk[SUB];
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t a = b * BLK; a < std::min(n, (b + 1) * BLK); a += SUB) {
@@ -777,7 +797,7 @@ void collect_all(const Unit<R, MAX, AUTH>& U, int64_t prefix, int shift, std::ve
   const int64_t nb = (U.n + BLK - 1) / BLK;
   std::vector<std::vector<int32_t>> ck(nb);
   std::vector<std::vector<int64_t>> ci(nb);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  par_for(nb, U.n, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) collect_block<R, MAX, AUTH>(U, b * BLK, std::min(U.n, (b + 1) * BLK), prefix, shift, ck[b], ci[b]);
   });
   for (int64_t b = 0; b < nb; ++b) {
@@ -900,7 +920,9 @@ void topk_select_t(const Ptrs& P, const std::vector<int64_t>& L, const float* C,
   }
   std::vector<std::vector<int32_t>> ck(tasks.size());
   std::vector<std::vector<int64_t>> ci(tasks.size());
-  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t t0, int64_t t1) {
+  int64_t work = 0;
+  for (const Task& T : tasks) work += T.b < 0 ? L[T.piece] : T.b - T.a;
+  par_for((int64_t)tasks.size(), work, [&](int64_t t0, int64_t t1) {
     std::vector<int32_t> A, B;
     for (int64_t t = t0; t < t1; ++t) {
       const Task& T = tasks[t];
@@ -917,7 +939,9 @@ void topk_select_t(const Ptrs& P, const std::vector<int64_t>& L, const float* C,
       }
     }
   });
-  at::parallel_for(0, (int64_t)bigs.size(), 1, [&](int64_t b0, int64_t b1) {
+  int64_t cands = 0;
+  for (auto& c : ck) cands += (int64_t)c.size();
+  par_for((int64_t)bigs.size(), 8 * cands, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const Big& G = bigs[b];
       std::vector<int32_t> keys;
