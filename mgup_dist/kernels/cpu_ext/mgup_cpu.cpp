@@ -17,8 +17,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <dirent.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -34,9 +39,15 @@
 // (aten/src/ATen/cpu/vml.h), which differs from the correctly rounded sqrt by one ulp in
 // ~16 % of values: call the very function torch calls (exported by libtorch_cpu), so that
 // u is bit for bit the eager u.  Its result depends on the value only.
+// Outside an OpenMP region MKL would run its own threads for the call: held to this thread.
 extern "C" void vmsSqrt(const int n, const float* a, float* r, const long long mode);
+extern "C" int MKL_Set_Num_Threads_Local(int n);  // the C entry (mkl_service.h maps mkl_set_num_threads_local to it)
 constexpr long long VML_MODE = 0x00000002 /* VML_HA */ | 0x00140000 /* VML_FTZDAZ_OFF */ | 0x00000100 /* VML_ERRMODE_IGNORE */;
-inline void sqrt_n(float* x, int64_t n) { vmsSqrt((int)n, x, x, VML_MODE); }
+inline void sqrt_n(float* x, int64_t n) {
+  const int prev = MKL_Set_Num_Threads_Local(1);
+  vmsSqrt((int)n, x, x, VML_MODE);
+  MKL_Set_Num_Threads_Local(prev);
+}
 #else
 inline void sqrt_n(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::sqrt(x[i]);
@@ -72,9 +83,50 @@ std::vector<Item> items_of(const std::vector<int64_t>& lengths) {
 // thread makes that wait a scheduler time slice, far more than a small pass costs.
 constexpr int64_t PAR_MIN = 1 << 19;
 
+// Whether other processes want the cores this process's threads would use: runnable tasks
+// of the machine (/proc/loadavg) minus this process's running threads, plus torch's thread
+// count, above the online cores.  Then a region's barrier would wait for a descheduled
+// thread, and one thread is faster than several.  Sampled at most every 100 ms.  The thread
+// count never changes a result (every pass is exact whatever its split), only its speed.
+bool cores_contended() {
+  static std::atomic<int64_t> last{INT64_MIN / 2};
+  static std::atomic<bool> busy{false};
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  if (now - last.load(std::memory_order_relaxed) < 100) return busy.load(std::memory_order_relaxed);
+  last.store(now, std::memory_order_relaxed);
+  bool b = false;
+  if (FILE* f = std::fopen("/proc/loadavg", "r")) {
+    double l1, l5, l15;
+    long running = 0, total = 0;
+    if (std::fscanf(f, "%lf %lf %lf %ld/%ld", &l1, &l5, &l15, &running, &total) == 5) {
+      long mine = 0;  // this process's threads now running (the caller among them)
+      if (DIR* d = opendir("/proc/self/task")) {
+        while (dirent* e = readdir(d)) {
+          if (e->d_name[0] == '.') continue;
+          char path[64], buf[256];
+          std::snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
+          if (FILE* t = std::fopen(path, "r")) {
+            size_t k = std::fread(buf, 1, sizeof buf - 1, t);
+            buf[k] = 0;
+            const char* rp = std::strrchr(buf, ')');
+            if (rp && rp[1] == ' ' && rp[2] == 'R') ++mine;
+            std::fclose(t);
+          }
+        }
+        closedir(d);
+      }
+      const long others = std::max(0L, running - std::max(1L, mine));
+      b = others + at::get_num_threads() > sysconf(_SC_NPROCESSORS_ONLN);
+    }
+    std::fclose(f);
+  }
+  busy.store(b, std::memory_order_relaxed);
+  return b;
+}
+
 template <typename F>
 void par_for(int64_t n, int64_t work, F&& f) {
-  if (n < 2 || work < PAR_MIN || at::get_num_threads() < 2) {
+  if (n < 2 || work < PAR_MIN || at::get_num_threads() < 2 || cores_contended()) {
     if (n > 0) f(int64_t(0), n);
     return;
   }
