@@ -18,7 +18,16 @@ ratios compare like with like:
   on the embedding, lm_head and norms, as ``MGUPMuon`` splits them; the Muon rows' ``x torch
   Muon`` column divides by it.  The Muon rows and this baseline are timed interleaved (one step
   of each in turn), so that a change of the machine's load hits all of them alike.  ``MGUPMuon`` runs Newton-Schulz in bfloat16 too by default
-  (``ns_dtype="auto"``): the ratio compares like with like.
+  (``ns_dtype="auto"``): the ratio compares like with like;
+* with ``--deepspeed-cpu-adam``: ``deepspeed.ops.adam.DeepSpeedCPUAdam``, the optimizer
+  ZeRO-Offload runs on the CPU (built by DeepSpeed at first use, minutes; the row is
+  skipped with the reason printed where its op cannot be built).
+
+The optimizers of every row but the naive and the Muon ones are built first and then stepped
+in turn, one step each per round (interleaved), as are the Muon rows with their baseline: a
+burst of load from other processes hits every row of a group alike.  On the CPU the eager
+``MGUPAdamW``, ``CMGUPAdamW`` and ``MGUPLion`` rows are the default step, the C++ kernels of
+``mgup_dist.kernels.cpu_ext``.
 
 The table reports the median step time after warm-up (compilation, state allocation and
 first-touch of memory happen in the warm-up steps) and its ratio to the fused and the
@@ -47,12 +56,16 @@ class LlamaConfig:
     layers: int
     heads: int
     vocab: int
+    lm_head: bool = True  # False: tied embeddings (no separate output matrix)
 
 
 #: LLaMA configs of the GaLore / MGUP pre-training recipes (plus a tiny one for smoke tests).
 MODELS: Dict[str, LlamaConfig] = {
     "llama130m": LlamaConfig(hidden=768, intermediate=2048, layers=12, heads=12, vocab=32000),
     "llama60m": LlamaConfig(hidden=512, intermediate=1376, layers=8, heads=8, vocab=32000),
+    # 27.4M parameters in 56 tensors: 1 x 32000x512 (59.8 % of the model), 42 x 512x512 (24
+    # attention, 18 MLP matrices), 13 x 512 norms: many mid-sized tensors beside one large one
+    "set27m": LlamaConfig(hidden=512, intermediate=512, layers=6, heads=8, vocab=32000, lm_head=False),
     # the trainer's tiny model (configs/models/llama_tiny.json; tests/test_cli.py keeps them equal)
     "tiny": LlamaConfig(hidden=128, intermediate=352, layers=4, heads=4, vocab=259),
 }
@@ -68,7 +81,9 @@ def llama_shapes(cfg: LlamaConfig) -> List[Tuple[str, Tuple[int, ...]]]:
         shapes += [(pre + "mlp.gate_proj.weight", (f, h)), (pre + "mlp.up_proj.weight", (f, h)),
                    (pre + "mlp.down_proj.weight", (h, f))]
         shapes += [(pre + "input_layernorm.weight", (h,)), (pre + "post_attention_layernorm.weight", (h,))]
-    shapes += [("norm.weight", (h,)), ("lm_head.weight", (cfg.vocab, h))]
+    shapes += [("norm.weight", (h,))]
+    if cfg.lm_head:
+        shapes += [("lm_head.weight", (cfg.vocab, h))]
     return shapes
 
 
@@ -146,6 +161,7 @@ class Row:
     vs_fused: float = float("nan")
     vs_foreach: float = float("nan")
     vs_muon: float = float("nan")  # Muon rows: x torch.optim.Muon (+ AdamW for the rest)
+    vs_ds: float = float("nan")  # x DeepSpeedCPUAdam
     naive_speedup: float = float("nan")
     state_bpp: float = float("nan")  # optimizer state, bytes per parameter
     held_bpp: float = float("nan")  # state + buffers kept between steps (CPU scratch), bytes per parameter
@@ -155,6 +171,17 @@ class Row:
 #: ``--clock``: wall time, or the process's CPU time (on a CPU shared with other jobs, the work
 #: of a one-thread step without the time it waited for a core)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def deepspeed_cpu_adam(params, lr: float):
+    """``DeepSpeedCPUAdam(params)`` (AdamW mode), or the reason it cannot be had here."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, adamw_mode=True, weight_decay=1e-2), None
+    except Exception as e:  # not installed, no compiler, a failed build: the row is skipped
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return None, f"{type(e).__name__}: {first}"
 
 
 def _time_steps(opt: torch.optim.Optimizer, steps: int, warmup: int, device: torch.device,
@@ -222,6 +249,7 @@ def run_bench(
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
     clock: str = "wall",
+    deepspeed_cpu_adam_row: bool = False,
 ) -> List[Row]:
     """Time every optimizer on the model's shapes; returns the rows of the table."""
     from mgup_dist.device import fused_adamw_available, resolve_device
@@ -283,23 +311,27 @@ def run_bench(
         gc.collect()
         return out
 
-    rows: List[Row] = []
+    # (name, mask_ratio, make, compiled) of the interleaved rows, in table order
+    together: List[Tuple[str, Optional[float], Callable, bool]] = []
     if fused_adamw_available(dev):
-        rows.append(measure("AdamW(fused)", None, lambda: torch.optim.AdamW(params, lr=1e-3, fused=True), steps))
-    rows.append(measure("AdamW(foreach)", None, lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True), steps))
-    naive: Dict[float, float] = {}
-    for r in mask_ratios:
-        row = measure("naive topk+scatter", r, lambda: NaiveTopkMGUPAdamW(params, lr=1e-3, mask_ratio=r), naive_steps,
-                      min(warmup, 1))  # no compilation: one step allocates its state
-        naive[r] = row.median_ms
-        rows.append(row)
+        together.append(("AdamW(fused)", None, lambda: torch.optim.AdamW(params, lr=1e-3, fused=True), False))
+    together.append(("AdamW(foreach)", None, lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True), False))
+    if deepspeed_cpu_adam_row:
+        if dev.type != "cpu":
+            log(f"  DeepSpeedCPUAdam: skipped (it steps CPU tensors; the params are on {dev})")
+        else:
+            ds, why = deepspeed_cpu_adam(params, 1e-3)
+            if ds is None:
+                log(f"  DeepSpeedCPUAdam: skipped ({why})")
+            else:
+                together.append(("DeepSpeedCPUAdam", None, lambda: ds, False))
+    n_base = len(together)
     facts = _factories(optimizers, adamw_only)
-    muon_rows, muon_at = [], None
+    muon_rows = []
     for name, make in facts.items():
         ratios = [None] if name in _RATIO_FREE else list(mask_ratios)
         muon = "Muon" in name
-        if muon and muon_at is None:  # the baseline first: torch.optim.Muon + AdamW on the same split
-            muon_at = len(rows)
+        if muon and not muon_rows:  # the baseline first: torch.optim.Muon + AdamW on the same split
             matrices = [p for p in params if p.ndim == 2 and not any(p is q for q in adamw_only)]
             rest = [p for p in params if not any(p is q for q in matrices)]
             muon_rows.append(("Muon+AdamW(torch)", None, lambda: TorchMuonAdamW(matrices, rest), False))
@@ -310,12 +342,17 @@ def run_bench(
             for r in ratios:
                 label = name + ("+compile" if c else "")
                 build = lambda r=r, c=c, make=make: make(params, 0.5 if r is None else r, c)  # noqa: E731
-                if muon:
-                    muon_rows.append((label, r, build, c))
-                else:
-                    rows.append(measure(label, r, build, steps, compiled=c))
+                (muon_rows if muon else together).append((label, r, build, c))
+
+    rows: List[Row] = measure_together(together, steps)
+    naive: Dict[float, float] = {}
+    for i, r in enumerate(mask_ratios):
+        row = measure("naive topk+scatter", r, lambda: NaiveTopkMGUPAdamW(params, lr=1e-3, mask_ratio=r), naive_steps,
+                      min(warmup, 1))  # no compilation: one step allocates its state
+        naive[r] = row.median_ms
+        rows.insert(n_base + i, row)
     if muon_rows:  # the Muon rows and their baseline interleaved, step by step: one ratio, one run
-        rows[muon_at:muon_at] = measure_together(muon_rows, muon_steps)
+        rows += measure_together(muon_rows, muon_steps)
 
     base = {row.name: row.median_ms for row in rows if row.mask_ratio is None}
     for row in rows:
@@ -324,12 +361,15 @@ def run_bench(
         if "AdamW(fused)" in base:
             row.vs_fused = row.median_ms / base["AdamW(fused)"]
         row.vs_foreach = row.median_ms / base["AdamW(foreach)"]
+        if "DeepSpeedCPUAdam" in base:
+            row.vs_ds = row.median_ms / base["DeepSpeedCPUAdam"]
         ref = naive.get(row.mask_ratio) if row.mask_ratio is not None else naive.get(0.5, next(iter(naive.values())))
         row.naive_speedup = ref / row.median_ms
     return rows
 
 
-HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "x torch Muon", "speed-up vs naive",
+HEADER = ("optimizer", "mask_ratio", "median ms", "x fused AdamW", "x foreach AdamW", "x DeepSpeedCPUAdam", "x torch Muon",
+          "speed-up vs naive",
           "state B/param", "held B/param", "step peak MB")
 
 
@@ -340,7 +380,7 @@ def format_table(rows: Iterable[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     for r in rows:
         cells = (r.name, f(r.mask_ratio, "g"), f(r.median_ms, ".1f"), f(r.vs_fused, ".2f") + "x",
-                 f(r.vs_foreach, ".2f") + "x", f(r.vs_muon, ".2f") + "x", f(r.naive_speedup, ".1f") + "x", f(r.state_bpp, ".2f"),
+                 f(r.vs_foreach, ".2f") + "x", f(r.vs_ds, ".2f") + "x", f(r.vs_muon, ".2f") + "x", f(r.naive_speedup, ".1f") + "x", f(r.state_bpp, ".2f"),
                  f(r.held_bpp, ".2f"), f(r.peak_mb, ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -364,6 +404,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
                     help="MGUP optimizers eager (foreach), with compile=True (fused torch.compile kernels), "
                          "or both (default)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--deepspeed-cpu-adam", action="store_true",
+                    help="add DeepSpeedCPUAdam (ZeRO-Offload's CPU optimizer) and its ratio column; DeepSpeed builds "
+                         "its op at first use (minutes, cached in TORCH_EXTENSIONS_DIR)")
     ap.add_argument("--device", default=None, help="cpu | cuda | npu | auto (default: auto)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--seed", type=int, default=0)
@@ -382,6 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         naive_steps=args.naive_steps, muon_steps=args.muon_steps, optimizers=args.optimizers, device=args.device,
         compile_modes={"off": (False,), "on": (True,), "both": (False, True)}[args.compile],
         dtype=getattr(torch, args.dtype), seed=args.seed, log=log, clock=args.clock,
+        deepspeed_cpu_adam_row=args.deepspeed_cpu_adam,
     )
     print(format_table(rows), flush=True)
     return rows

@@ -347,4 +347,39 @@ def worker_unregistered(rank, world, stages):
             return train_steps(engine, range(2), rank)
 
         out[stage] = _error_of(run) or "stepped"
+
+
+# --------------------------------------------------------------------------------------
+# 3. ZeRO-Offload: the CPU step of the C++ kernels on the flat fp32 partitions
+# --------------------------------------------------------------------------------------
+def worker_offload_fast_path(rank, world, cases, steps=3):
+    """As ``worker_exact``, and per case the CPU kernel calls (``cpu_ext.calls``) that the
+    engine's steps made on this rank, and the fp32 partitions' dtype and device."""
+    import mgup_dist
+    from mgup_dist.integrations.deepspeed import find_mgup_optimizer
+    from mgup_dist.kernels import cpu_ext
+
+    out = {"ext": cpu_ext.available()}
+    for name, cfg, ref_kwargs in cases:
+        ref_model = make_model()
+        ref_opt = mgup_dist.OPTIMIZERS[cfg["optimizer"]["type"]](ref_model.parameters(), **ref_kwargs)
+        for step in range(steps):
+            x, y = batch(step, 0)
+            ref_opt.zero_grad()
+            torch.nn.functional.mse_loss(ref_model(x), y).backward()
+            ref_opt.step()
+        engine = _init(make_model(), cfg)
+        opt = find_mgup_optimizer(engine)
+        cpu_ext.calls.clear()
+        train_steps(engine, range(steps), rank, same_data=True)
+        calls = dict(cpu_ext.calls)
+        got = full_params(engine)
+        # the moments live beside the fp32 partitions they step (ZeRO-3 swaps its sub-groups in
+        # and out of the param groups around each step: read the state)
+        moments = [v for st in opt.state.values() for k, v in st.items() if k.startswith("exp_avg") and torch.is_tensor(v)]
+        out[name] = {
+            "diffs": [float((a - b.detach()).abs().max()) for a, b in zip(got, ref_model.parameters())],
+            "calls": calls,
+            "partitions": sorted({(str(v.dtype), v.device.type) for v in moments}),
+        }
     return out

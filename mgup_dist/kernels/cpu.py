@@ -1,6 +1,15 @@
 """CPU backend.  Everything the CPU runs is defined here (the device-agnostic ``TorchOps`` is
 only its base class for the pieces it does not override).
 
+The default step (``compile=False``) of AdamW and Lion rules on float32 buffers: the C++
+kernels of ``cpu_ext`` (built at first use), on torch's own intra-op threads: phase 1 one
+pass (fp32 AdamW: read g, m, v, write m, v, key: 24 bytes an element), phase 2 one counting
+pass over the keys of each large unit (4 bytes; below), phase 3 one pass (read p, m, v, key,
+write p: 20 bytes; Lion also moves its momentum there), cautious one pass (28 bytes, as
+fused AdamW).  Every rounding as the eager torch ops below make it: states, keys and
+parameters equal theirs bit for bit.  Where the extension cannot be built (no compiler),
+other dtypes, Muon, and under ``torch.compile(opt.step)``: the paths below.
+
 Phase 1 and 3, eager (``compile=False``, the default): the rules' torch ops over *blocks*:
 pieces of at most ``BLOCK_ELEMS`` elements (large tensors are cut, small ones batched into one
 foreach call), so that every temporary is block-sized and the several passes of a block
@@ -24,22 +33,22 @@ the few keys inside the bracket; the K-th key is the right one among those (nump
 ``partition`` on ~3 % of the keys).  A bracket that misses (rare: a sample that is not
 representative) falls back to ``partition`` on a copy: the result is exact either way, and
 deterministic (the sample positions depend on N only).  Ties at the K-th key go to the
-lower index (the losing ties are lowered by one).  The passes run on a thread pool
-(numpy releases the GIL): both cores of a 2-core machine work.  Split units use the radix
-select of ``mgup_dist.selection`` over the per-piece ``bincount`` primitives below.
+lower index (the losing ties are lowered by one).  With the extension this runs in C++ on
+torch's threads (int32 and int64 keys alike); without it, in numpy on the calling thread
+(never a Python thread pool on top of torch's OpenMP threads: the two would fight for the
+cores).  Split units use the radix select of ``mgup_dist.selection`` over the per-piece
+``bincount`` primitives below.
 """
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
 import numpy as np
 import torch
 
 from ..radix import KEY_NAN, radix_widths
+from . import cpu_ext
 from .torch_ops import TorchOps
 
 __all__ = ["CPU", "BLOCK_ELEMS"]
@@ -51,8 +60,10 @@ BLOCK_ELEMS = 1 << 20
 #: units up to this size are selected by ``partition`` on a copy (the bracket's sample
 #: would cost as much).
 SMALL_UNIT = 1 << 16
-#: sample size of the bracket: the K-th key's sample rank has a standard deviation of
-#: sqrt(S p (1-p)) <= 64; +-4 of them leave ~3 % of the keys inside the bracket.
+#: largest sample of the bracket: the K-th key's sample rank has a standard deviation of
+#: sqrt(S p (1-p)) <= 64; +-4 of them leave ~3 % of the keys inside the bracket.  Units
+#: under 1M elements take n/64 samples (at least 1024: ~10 % inside the bracket), so that
+#: sorting the sample never costs more than the counting pass.
 SAMPLE = 1 << 14
 #: elements per task of the counting pass (4 MB of int32 keys: one task's passes stay in L2/L3)
 COUNT_BLOCK = 1 << 20
@@ -78,6 +89,7 @@ class CPU(TorchOps):
         super().__init__(foreach)
         self.compile = compile
         self._tmp = {}  # block-sized temporaries of this step, by (name, dtype)
+        self._pending = {}  # id(chunk) -> what the key-free top-K select needs from its score
 
     # ------------------------------------------------------------------ helpers
     def _buf(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -159,6 +171,27 @@ class CPU(TorchOps):
     def _fused(self, rule) -> bool:
         return self.compile and rule.name in ("adamw", "lion")
 
+    @staticmethod
+    def _keyless(hp, chunk) -> bool:
+        """Top-K whose units are each one piece held on this rank (scope tensor or shard, not
+        split): the C++ kernels select without a key buffer.  Decided from the plan and the
+        hyperparameters (identical on every rank)."""
+        if hp.get("mode") != "topk" or hp.get("scope") not in ("tensor", "shard") or chunk.split:
+            return False
+        units = [pc.unit for pc in chunk.pieces if pc.unit >= 0]
+        return len(units) == chunk.n_units == len(set(units))
+
+    def _ext(self, rule, chunk, bufs):
+        """The C++ kernels when they serve this chunk (the default eager step of AdamW and
+        Lion over float32 buffers), else None."""
+        if self.compile or rule.name not in _RULE or torch.compiler.is_compiling():
+            return None
+        for pc in chunk.pieces:
+            for t in (bufs.params[pc.buf], bufs.grads[pc.buf], *(bufs.states[n][pc.buf] for n in rule.state)):
+                if t is None or t.dtype != torch.float32 or not t.is_contiguous():
+                    return None
+        return cpu_ext.load()
+
     # ------------------------------------------------------------------ phase 1
     def score(self, rule, hp, chunk, bufs, scratch):
         if torch.compiler.is_compiling():
@@ -168,6 +201,26 @@ class CPU(TorchOps):
         if not chunk.pieces:
             return None
         keys = scratch.view(_ity(scratch.dtype))
+        ext = self._ext(rule, chunk, bufs)
+        if ext is not None and self._keyless(hp, chunk):
+            # top-K of units held whole: no keys stored (see cpu_ext/mgup_cpu.cpp); select and
+            # apply recompute them
+            pcs = chunk.pieces
+            g, st = _piece_views(pcs, bufs.grads), [_piece_views(pcs, bufs.states[n]) for n in rule.state]
+            c = _ext_consts(hp, pcs, bufs)
+            args = (g, st[0], st[1] if len(st) > 1 else [], c)
+            hist = ext.topk_score(_RULE[rule.name], *args, [pc.length > SMALL_UNIT for pc in pcs],
+                                  bool(hp.get("maximize")), hp.get("convention") == "authors")
+            self._pending[id(chunk)] = (rule, hp, args, hist)
+            cpu_ext.calls["topk_score"] += 1
+            return None
+        if ext is not None:
+            pcs = chunk.pieces
+            g, st = _piece_views(pcs, bufs.grads), [_piece_views(pcs, bufs.states[n]) for n in rule.state]
+            ext.score(_RULE[rule.name], g, st[0], st[1] if len(st) > 1 else [], keys, [pc.offset for pc in pcs],
+                      _ext_consts(hp, pcs, bufs), bool(hp.get("maximize")), hp.get("convention") == "authors")
+            cpu_ext.calls["score"] += 1
+            return None
         if self._fused(rule):
             for pc in chunk.pieces:
                 sl = slice(pc.start, pc.start + pc.length)
@@ -183,6 +236,17 @@ class CPU(TorchOps):
         return None
 
     # ------------------------------------------------------------------ phase 2
+    def select(self, chunk, keys, hist0, reduce):
+        hit = self._pending.pop(id(chunk), None)
+        if hit is None:
+            return super().select(chunk, keys, hist0, reduce)
+        rule, hp, args, hist = hit
+        ks = [chunk.k[pc.unit] if pc.unit >= 0 else 0 for pc in chunk.pieces]
+        tc = cpu_ext.load().topk_select(_RULE[rule.name], *args, hist, ks, SMALL_UNIT, bool(hp.get("maximize")),
+                                        hp.get("convention") == "authors")
+        cpu_ext.calls["topk_select"] += 1
+        return _KthAndCut(tc, args)
+
     def select_local(self, chunk, keys) -> Optional[torch.Tensor]:
         units = [p for p in chunk.pieces if p.unit >= 0]
         if torch.compiler.is_compiling() or len(units) != chunk.n_units or chunk.n_units == 0:
@@ -190,6 +254,16 @@ class CPU(TorchOps):
             # a unit in several pieces (global scope): radix select
             return None
         ity = keys.dtype
+        ext = cpu_ext.load() if keys.is_contiguous() else None
+        if ext is not None:
+            ks = [chunk.k[pc.unit] for pc in units]
+            samples = [torch.from_numpy(_sample_idx(pc.length)) for pc, k in zip(units, ks)
+                       if 0 < k < pc.length and pc.length > SMALL_UNIT]
+            tu = ext.select(keys, [pc.offset for pc in units], [pc.length for pc in units], ks, samples, SMALL_UNIT)
+            cpu_ext.calls["select"] += 1
+            t = torch.full((chunk.n_units,), torch.iinfo(ity).max, dtype=torch.int64)
+            t[torch.tensor([pc.unit for pc in units], dtype=torch.int64)] = tu
+            return t.to(ity)
         t = np.full(chunk.n_units, torch.iinfo(ity).max, dtype=np.int64)
         arr = keys.numpy()
         jobs = [(pc.unit, arr[pc.offset: pc.offset + pc.length], chunk.k[pc.unit]) for pc in units]
@@ -252,11 +326,30 @@ class CPU(TorchOps):
             if rule.matrix:
                 hp["matrix_hook"](chunk, [])  # the whole-matrix assembly is a collective: enter it
             return
+        if isinstance(t_key, _KthAndCut):
+            pcs = chunk.pieces
+            c = t_key.args[3]
+            if denom is not None:
+                c = _ext_consts(hp, pcs, bufs, denom.tolist())
+            cpu_ext.load().topk_apply(_RULE[rule.name], _piece_views(pcs, bufs.params), *t_key.args[:3], c, t_key.tc,
+                                      bool(hp.get("maximize")), hp.get("convention") == "authors")
+            cpu_ext.calls["topk_apply"] += 1
+            return
         keys = scratch.view(_ity(scratch.dtype))
-        steps = _step_sizes(hp, [bufs.bc1[pc.buf] for pc in chunk.pieces], [bufs.bc2[pc.buf] for pc in chunk.pieces])
         t = t_key.tolist()
         d = denom.tolist() if denom is not None else None
         big = torch.iinfo(keys.dtype).max
+        ext = self._ext(rule, chunk, bufs)
+        if ext is not None:
+            pcs = chunk.pieces
+            p, g = _piece_views(pcs, bufs.params), _piece_views(pcs, bufs.grads)
+            st = [_piece_views(pcs, bufs.states[n]) for n in rule.state]
+            tp = torch.tensor([t[pc.unit] if pc.unit >= 0 else big for pc in pcs], dtype=torch.int64)
+            ext.apply(_RULE[rule.name], p, g, st[0], st[1] if len(st) > 1 else [], keys, [pc.offset for pc in pcs], tp,
+                      _ext_consts(hp, pcs, bufs, d), bool(hp.get("maximize")), hp.get("convention") == "authors")
+            cpu_ext.calls["apply"] += 1
+            return
+        steps = _step_sizes(hp, [bufs.bc1[pc.buf] for pc in chunk.pieces], [bufs.bc2[pc.buf] for pc in chunk.pieces])
         if self._fused(rule):
             for pc, lr_step in zip(chunk.pieces, steps):
                 sl = slice(pc.start, pc.start + pc.length)
@@ -329,6 +422,15 @@ class CPU(TorchOps):
         (compiled): no keys, no scratch."""
         if rule.matrix or torch.compiler.is_compiling():  # see score
             return False
+        ext = self._ext(rule, chunk, bufs)
+        if ext is not None:
+            pcs = chunk.pieces
+            p, g = _piece_views(pcs, bufs.params), _piece_views(pcs, bufs.grads)
+            st = [_piece_views(pcs, bufs.states[n]) for n in rule.state]
+            ext.cautious(_RULE[rule.name], p, g, st[0], st[1] if len(st) > 1 else [], _ext_consts(hp, pcs, bufs),
+                         bool(hp.get("maximize")), hp.get("convention") == "authors")
+            cpu_ext.calls["cautious"] += 1
+            return True
         steps = _step_sizes(hp, [bufs.bc1[pc.buf] for pc in chunk.pieces], [bufs.bc2[pc.buf] for pc in chunk.pieces])
         if self._fused(rule):
             for pc, lr_step in zip(chunk.pieces, steps):
@@ -368,6 +470,42 @@ def _starts(blk) -> List[int]:
     return out
 
 
+_RULE = {"adamw": 0, "lion": 1}
+
+
+class _KthAndCut:
+    """The key-free select's result, read by ``CPU.apply`` only: per piece (K-th key, tie
+    cut-off index) as int64 ``[pieces, 2]``; selected <=> key > t or (key == t and index < cut)."""
+
+    def __init__(self, tc: torch.Tensor, args):
+        self.tc, self.args = tc, args
+
+
+def _piece_views(pieces, bufs) -> List[torch.Tensor]:
+    return [bufs[pc.buf][pc.start: pc.start + pc.length] for pc in pieces]
+
+
+def _ext_consts(hp, pieces, bufs, d=None) -> torch.Tensor:
+    """The C++ kernels' float32 scalars per piece (the order of ``_consts``), each rounded
+    as eager torch rounds a python scalar operand of a float32 op: the double value,
+    then float32 (``1 - b1``, ``1 - lr*wd``, ``lr_eff`` computed in double first).  With a
+    denominator: ``fp32(alpha) / fp32(d)``, as eager divides the alpha/gamma-filled phi."""
+    b1, b2 = (_num(b) for b in hp["betas"])
+    lr, wd = _num(hp["lr"]), _num(hp["weight_decay"])
+    bc1 = [_num(bufs.bc1[pc.buf]) for pc in pieces]
+    bc2 = [_num(bufs.bc2[pc.buf]) for pc in pieces]
+    steps = _step_sizes(dict(hp, lr=lr), bc1, bc2)
+    eps = _num(hp.get("eps", 0.0))
+    rows = [[b1, 1 - b1, b2, 1 - b2, hp["alpha"], hp["gamma"], 1 - lr * wd, st, c1, c2, eps]
+            for st, c1, c2 in zip(steps, bc1, bc2)]
+    c = torch.tensor(rows, dtype=torch.float64).to(torch.float32).reshape(len(pieces), 11)
+    if d is not None:
+        dd = torch.tensor([d[pc.unit] if pc.unit >= 0 else 1.0 for pc in pieces], dtype=torch.float64).to(torch.float32)
+        c[:, 4].div_(dd)
+        c[:, 5].div_(dd)
+    return c.contiguous()
+
+
 def _step_sizes(hp, bc1, bc2) -> list:
     """lr_eff per piece: lr (torch), lr*sqrt(bc2)/bc1 (authors, with bias correction)."""
     lr = hp["lr"]
@@ -388,20 +526,7 @@ def _update(params, us, phis, steps, hp) -> None:
 
 
 # ------------------------------------------------------------------------- selection
-_POOL = None
-_POOL_LOCK = threading.Lock()
 _SAMPLES = {}
-
-
-def _pool():
-    """The selection's worker threads (as many as torch's), made again in a forked child
-    (a fork copies the executor but not its threads)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid():
-            _POOL = (os.getpid(), ThreadPoolExecutor(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)),
-                                                     thread_name_prefix="mgup-select"))
-        return _POOL[1]
 
 
 def _sample_idx(n: int) -> np.ndarray:
@@ -409,7 +534,7 @@ def _sample_idx(n: int) -> np.ndarray:
     selection is deterministic)."""
     idx = _SAMPLES.get(n)
     if idx is None:
-        idx = np.sort(np.random.default_rng(n).integers(0, n, SAMPLE))
+        idx = np.sort(np.random.default_rng(n).integers(0, n, max(1024, min(SAMPLE, n >> 6))))
         if len(_SAMPLES) > 256:
             _SAMPLES.clear()
         _SAMPLES[n] = idx
@@ -437,7 +562,6 @@ def _count_block(a: np.ndarray, lo, hi, want_values: bool):
 def _select_units(jobs):
     """jobs: (unit, int keys of the unit (numpy view), K).  Returns [(unit, K-th key)] of
     the units with K > 0, having lowered the losing ties in place."""
-    pool = _pool()
     small, big = [], []
     for unit, a, k in jobs:
         n = a.size
@@ -450,23 +574,23 @@ def _select_units(jobs):
     for unit, a, k in big:
         n = a.size
         s = np.sort(a[_sample_idx(n)])
+        S = s.size
         r = n - k  # ascending rank of the K-th largest
         p = r / n
-        js = int(r * SAMPLE // n)
-        margin = int(4.0 * math.sqrt(SAMPLE * p * (1 - p))) + 8
+        js = int(r * S // n)
+        margin = int(4.0 * math.sqrt(S * p * (1 - p))) + 8
         info = np.iinfo(a.dtype)
         lo = s[js - margin] if js - margin >= 0 else info.min
-        hi = s[js + margin] if js + margin < SAMPLE else info.max
+        hi = s[js + margin] if js + margin < S else info.max
         want = lo != hi
-        parts = [pool.submit(_count_block, a[i: i + COUNT_BLOCK], lo, hi, want) for i in range(0, n, COUNT_BLOCK)]
+        parts = [_count_block(a[i: i + COUNT_BLOCK], lo, hi, want) for i in range(0, n, COUNT_BLOCK)]
         plans.append((unit, a, k, lo, hi, want, parts))
     for unit, a, k in small:
-        futs.append((unit, a, k, pool.submit(_kth_by_partition, a, k)))
+        futs.append((unit, a, k, _kth_by_partition(a, k)))
     results = []
     for unit, a, k, lo, hi, want, parts in plans:
         c_gt, cands, c_in = 0, [], 0
-        for f in parts:
-            g, v = f.result()
+        for g, v in parts:
             c_gt += g
             if want:
                 cands.append(v)
@@ -486,13 +610,11 @@ def _select_units(jobs):
         else:  # the sample missed: exact anyway
             t, above, eq = _kth_by_partition(a, k)
         results.append((unit, a, k, t, above, eq))
-    for unit, a, k, f in futs:
-        t, above, eq = f.result()
+    for unit, a, k, (t, above, eq) in futs:
         results.append((unit, a, k, t, above, eq))
-    ties = [pool.submit(_lower_ties, a, t, k - above)  # the first k - above ties at t are selected
-            for unit, a, k, t, above, eq in results if eq > k - above]
-    for f in ties:
-        f.result()
+    for unit, a, k, t, above, eq in results:
+        if eq > k - above:
+            _lower_ties(a, t, k - above)  # the first k - above ties at t are selected
     return [(unit, int(t)) for unit, a, k, t, above, eq in results]
 
 
