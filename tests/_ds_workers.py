@@ -347,6 +347,7 @@ def worker_unregistered(rank, world, stages):
             return train_steps(engine, range(2), rank)
 
         out[stage] = _error_of(run) or "stepped"
+    return out
 
 
 # --------------------------------------------------------------------------------------
