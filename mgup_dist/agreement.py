@@ -63,8 +63,16 @@ def check_at_plan(cls_name: str, group, layouts: List[Layout], replica_group, mo
     ``mode="plan"``, of the step values) over the group's ranks."""
     if not _dist_ready():
         return
-    needed, pg = agreement_group(layouts, replica_group)
-    if not needed or world_size(pg) == 1:
+    # split tensors (Layout.collective: the same on every rank, so every rank builds this
+    # plan now) or a declared replica group; a layout with only a group (Megatron: its ranks
+    # hold different param groups and build their plans at different times) is not checked here
+    if any(lay.collective for lay in layouts):
+        pg = collective_group(layouts)
+    elif replica_group is not False:
+        pg = replica_group
+    else:
+        return
+    if world_size(pg) == 1:
         return
     mine = {k: group.get(k) for k in AGREE}
     if mode == "plan":
