@@ -28,10 +28,10 @@ from torch._dynamo.utils import counters
 from mgup_dist.optim import CMGUPAdamW, MGUPAdamW, MGUPLion
 
 
-def _pair(cls, seed, **kw):
+def _pair(cls, seed, dtype=torch.float64, **kw):
     g = torch.Generator().manual_seed(seed)
-    ps = [torch.nn.Parameter(torch.randn(40, 30, generator=g, dtype=torch.float64)),
-          torch.nn.Parameter(torch.randn(30, generator=g, dtype=torch.float64))]
+    ps = [torch.nn.Parameter(torch.randn(40, 30, generator=g, dtype=dtype)),
+          torch.nn.Parameter(torch.randn(30, generator=g, dtype=dtype))]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     return (ps, cls(ps, weight_decay=0.1, **kw)), (qs, cls(qs, weight_decay=0.1, **kw))
 
@@ -85,7 +85,7 @@ def _run(specs, compiler, steps=6, warmup=2):
         for s in (s for two in scheds for s in two):
             s.step()
     lrs = [c[1].param_groups[0]["lr"] for _, c in pairs]
-    diff = max(float((p - q).detach().abs().max()) for (e, c) in pairs for p, q in zip(e[0], c[0]))
+    diff = max(float((p - q).detach().abs().max()) for (e, c) in pairs for p, q in zip(e[0], c[0]) if p.dtype == torch.float64)
     return counters["stats"]["unique_graphs"] - after, dict(counters["graph_break"]), diff, lrs
 
 
@@ -96,8 +96,12 @@ def test_compiled_step_never_recompiles_under_schedulers_on_both_backends():
              for backend, kinds in (("cpu", ("lambda", "cosine", "lambda")), ("torch", ("cosine", "lambda", "cosine")))
              for cls, kind in zip((MGUPAdamW, CMGUPAdamW, MGUPLion), kinds)]
     specs.append((MGUPAdamW, "step", dict(lr=torch.tensor(1e-2), backend="torch")))  # a tensor LR, updated in place
+    # float32: 32-bit keys take the torch-ops radix select in one pass set (float64: the generic
+    # passes over the torch-ops primitives); compared with eager in float64 only (an ulp of a
+    # score may swap two near-ties)
+    specs.append((MGUPAdamW, "cosine", dict(lr=1e-2, dtype=torch.float32)))
     new_graphs, breaks, diff, lrs = _run(specs, "aot_eager")
-    assert all(isinstance(lr, float) for lr in lrs[:-1]) and len(set(lrs)) > 1  # python floats, changed every step
+    assert isinstance(lrs[0], float) and isinstance(lrs[-1], float) and len(set(lrs)) > 1  # python floats, changed
     assert new_graphs == 0 and not breaks, (new_graphs, breaks)
     assert diff <= 1e-12, diff
 
