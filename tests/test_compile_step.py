@@ -13,10 +13,11 @@ argument of an op (that specialises it: ``kernels.torch_ops.traced_lr``), and no
 read back to the host (the CPU backend's numpy selection gives way to the torch-ops one
 while traced).
 
-Compiling costs most of this file's time: one compiled function steps several optimizers
-(one graph for all), and the matrix runs on the ``aot_eager`` compiler (dynamo and
-AOTAutograd: the same graphs, guards and recompiles as Inductor, without its C++ build);
-one optimizer goes through Inductor."""
+Compiling costs most of this file's time: tiny params, and the matrix runs on the
+``aot_eager`` compiler (dynamo and AOTAutograd: the same graphs, guards and recompiles as
+Inductor, without its C++ build); one optimizer goes through Inductor.  Each optimizer gets
+its own compiled step: several optimizers stepped in one compiled function (one graph) made
+dynamo specialise one of their float LRs in some runs and not in others."""
 from __future__ import annotations
 
 import math
@@ -55,38 +56,36 @@ def _scheduler(kind, opt):
 
 def _run(specs, compiler, steps=6, warmup=2):
     """specs: (class, scheduler kind, optimizer kwargs).  Steps the eager and the compiled
-    twin of each for ``steps`` steps (one compiled function for all); returns the graphs
-    compiled after the warm-up, the graph breaks, and the largest difference to eager."""
-    torch._dynamo.reset()
-    pairs = [_pair(cls, i, **kw) for i, (cls, _, kw) in enumerate(specs)]
-    _grads(pairs, 0)
-    for e, c in pairs:  # state and plan, eagerly
-        e[1].step()
-        c[1].step()
-    # the bound steps, taken before a scheduler wraps ``opt.step`` (its wrapper only counts
-    # calls, and dynamo does not trace it)
-    compiled = [c[1].step for _, c in pairs]
-
-    def step_all():
-        for step in compiled:
-            step()
-
-    fn = torch.compile(step_all, fullgraph=True, backend=compiler)
-    scheds = [[_scheduler(kind, e[1]), _scheduler(kind, c[1])] for (e, c), (_, kind, _) in zip(pairs, specs)]
-    counters.clear()
-    after = None
-    for i in range(steps):
-        if i == warmup:
-            after = counters["stats"]["unique_graphs"]
-        _grads(pairs, i + 1)
-        for e, _ in pairs:
-            e[1].step()
-        fn()
-        for s in (s for two in scheds for s in two):
-            s.step()
-    lrs = [c[1].param_groups[0]["lr"] for _, c in pairs]
-    diff = max(float((p - q).detach().abs().max()) for (e, c) in pairs for p, q in zip(e[0], c[0]) if p.dtype == torch.float64)
-    return counters["stats"]["unique_graphs"] - after, dict(counters["graph_break"]), diff, lrs
+    twin of each for ``steps`` steps, one optimizer at a time (its own compiled step, dynamo
+    reset in between); returns the graphs compiled after the warm-up (all optimizers), the
+    graph breaks, the largest difference to eager (float64 params) and the final LRs."""
+    new_graphs, breaks, diff, lrs = 0, {}, 0.0, []
+    for i, (cls, kind, kw) in enumerate(specs):
+        torch._dynamo.reset()
+        (ps, eager), (qs, comp) = _pair(cls, i, **kw)
+        _grads([((ps, eager), (qs, comp))], 0)
+        eager.step()
+        comp.step()  # state and plan, eagerly
+        # the bound step, taken before a scheduler wraps ``opt.step`` (its wrapper only counts
+        # calls, and dynamo does not trace it)
+        fn = torch.compile(comp.step, fullgraph=True, backend=compiler)
+        scheds = [_scheduler(kind, eager), _scheduler(kind, comp)]
+        counters.clear()
+        after = None
+        for t in range(steps):
+            if t == warmup:
+                after = counters["stats"]["unique_graphs"]
+            _grads([((ps, eager), (qs, comp))], t + 1)
+            eager.step()
+            fn()
+            for sch in scheds:
+                sch.step()
+        new_graphs += counters["stats"]["unique_graphs"] - after
+        breaks.update(counters["graph_break"])
+        lrs.append(comp.param_groups[0]["lr"])
+        if ps[0].dtype == torch.float64:
+            diff = max([diff] + [float((p - q).detach().abs().max()) for p, q in zip(ps, qs)])
+    return new_graphs, breaks, diff, lrs
 
 
 @pytest.mark.timeout(900)
