@@ -7,10 +7,12 @@ Every rank holds the FSDP2 shards of the 130M LLaMA parameters (hidden 768,
 intermediate 2048, 12 layers, vocab 32000, untied embeddings: 134M values): DTensors
 placed ``Shard(0)`` with ``torch.chunk`` rows per rank, exactly what ``fully_shard``
 hands the optimizer (built with ``DTensor.from_local``, without a model, so the
-benchmark needs no forward pass).  One MGUPAdamW step is timed per scope (the slowest
-rank, between barriers), after a warm-up step; the table gives medians and the ratio
-to ``scope="shard"`` (no communication).  ``cautious`` (mode="cautious": no selection
-at all) is the floor.  Timings on a shared machine are noisy: read the medians.
+benchmark needs no forward pass).  One MGUPAdamW per scope (its own state: ~1 GB per
+rank and scope at 130M on 2 ranks) steps the same parameters; after a warm-up step each,
+the scopes take turns, one timed step each per round (the slowest rank, between
+barriers); the table gives medians and the ratio to ``scope="shard"`` (no communication).
+``cautious`` (mode="cautious": no selection at all) is the floor.  Timings on a shared
+machine are noisy: read the medians of the same run.
 """
 from __future__ import annotations
 
@@ -77,25 +79,28 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         mesh = init_device_mesh(device.type, (world,))
         shapes = llama_shapes(args.hidden, args.inter, args.layers, args.vocab)
         params = _sharded_params(shapes, mesh, rank, world, args.seed)
-        opt = MGUPAdamW(params, lr=1e-4, weight_decay=0.1)
-        group = opt.param_groups[0]
-        times = {}
-        for row in args.scopes:
-            if row == "cautious":
-                group["mode"], group["scope"] = "cautious", "tensor"
-            else:
-                group["mode"], group["scope"] = "topk", row
-            samples = []
-            for i in range(args.warmup + args.steps):
-                dist.barrier()
-                t0 = time.perf_counter()
-                opt.step()
-                dist.barrier()
-                dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank ends
-                if i >= args.warmup:
-                    samples.append(dt.item())
-            times[row] = samples
+        # one optimizer per row over the same params (each its own state and plan), stepped in
+        # turn: every round times each row once, so that a change of the machine's load
+        # between rounds moves all rows alike
+        opts = {row: MGUPAdamW(params, lr=1e-4, weight_decay=0.1, mode="cautious" if row == "cautious" else "topk",
+                               scope="tensor" if row == "cautious" else row) for row in args.scopes}
+
+        def timed(opt) -> float:
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            dist.barrier()
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank ends
+            return dt.item()
+
+        for opt in opts.values():
+            for _ in range(args.warmup):
+                timed(opt)
+        times = {row: [] for row in args.scopes}
+        for _ in range(args.steps):
+            for row, opt in opts.items():
+                times[row].append(timed(opt))
         n_local = sum(p.to_local().numel() for p in params)
         if rank == 0:
             queue.put((world, sum(int(torch.tensor(s).prod()) for s in shapes), n_local, times))

@@ -17,13 +17,17 @@ keys equal to the K-th key per piece, in one vector over all ranks' pieces (one
 ``all_reduce``), an exclusive prefix in index order, and each piece keeps its first
 ``take`` ties.  Everything stays on the device: no host synchronisation, so a step can be
 captured in a CUDA graph.  A backend may replace the radix select of chunks held whole on
-this rank by something faster (CPU: introselect).
+this rank by something faster (CPU: introselect), and that of split chunks (CPU: a bracket
+from a sample, agreed with the same reduce).
 
 Collectives per split chunk and step: ``len(radix_widths) + 1`` all-reduces of
 ``n_units x (4096 | 1024)`` and ``n_slots`` int64, whatever the tensors' sizes (the torch-ops
 backend's own select: one per pass of its digit widths, chosen from the chunk's global sizes,
-plus one for the ties).  ``choose_digit`` and ``tie_cutoff`` are the two decisions of the
-selection, as small functions every backend's kernels are tested against.
+plus one for the ties; the CPU backend's bracket select: the sample, the counts with the
+first digit histogram of the bracket, one per further pass over the bracket (none to two
+for float32 scores), the ties only where some unit has more ties than it selects).
+``choose_digit`` and ``tie_cutoff`` are the two decisions of the selection, as small
+functions every backend's kernels are tested against.
 """
 from __future__ import annotations
 

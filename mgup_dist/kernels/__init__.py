@@ -5,6 +5,7 @@ device type of the group's params and its hyperparameters), never from local dat
     base.py          the interface and the order-key definition every backend shares
     torch_ops.py     plain torch ops, batched and sync-free: any device (NPU, ...)
     cpu.py           CPU: introselect (numpy) for whole tensors, Inductor-fused phases (compile=True)
+    cpu_split.py     CPU: the exact selection of tensors split over ranks (a collective bracket)
     triton_cuda.py   CUDA: multi-tensor Triton kernels (imported lazily: never on CPU-only installs)
 """
 from __future__ import annotations

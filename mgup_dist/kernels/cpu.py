@@ -36,8 +36,14 @@ deterministic (the sample positions depend on N only).  Ties at the K-th key go 
 lower index (the losing ties are lowered by one).  With the extension this runs in C++ on
 torch's threads (int32 and int64 keys alike); without it, in numpy on the calling thread
 (never a Python thread pool on top of torch's OpenMP threads: the two would fight for the
-cores).  Split units use the radix select of ``mgup_dist.selection`` over the per-piece
+cores).  Units split over ranks take the same bracket with sums over the ranks
+(``cpu_split``: a sample, the counts and the candidates' digit histograms, the ties); where
+a bracket misses, the radix select of ``mgup_dist.selection`` over the per-piece
 ``bincount`` primitives below.
+
+Traced by ``torch.compile(opt.step)``, every phase runs the torch-ops code of the base
+class: nothing is read back to the host (a value read back is a guard that changes with
+the data: a recompile per step), and numpy cannot be traced.
 """
 from __future__ import annotations
 
@@ -238,14 +244,25 @@ class CPU(TorchOps):
     # ------------------------------------------------------------------ phase 2
     def select(self, chunk, keys, hist0, reduce):
         hit = self._pending.pop(id(chunk), None)
-        if hit is None:
-            return super().select(chunk, keys, hist0, reduce)
-        rule, hp, args, hist = hit
-        ks = [chunk.k[pc.unit] if pc.unit >= 0 else 0 for pc in chunk.pieces]
-        tc = cpu_ext.load().topk_select(_RULE[rule.name], *args, hist, ks, SMALL_UNIT, bool(hp.get("maximize")),
-                                        hp.get("convention") == "authors")
-        cpu_ext.calls["topk_select"] += 1
-        return _KthAndCut(tc, args)
+        if hit is not None:  # scored by the C++ kernels without keys: their select
+            rule, hp, args, hist = hit
+            ks = [chunk.k[pc.unit] if pc.unit >= 0 else 0 for pc in chunk.pieces]
+            tc = cpu_ext.load().topk_select(_RULE[rule.name], *args, hist, ks, SMALL_UNIT, bool(hp.get("maximize")),
+                                            hp.get("convention") == "authors")
+            cpu_ext.calls["topk_select"] += 1
+            return _KthAndCut(tc, args)
+        if torch.compiler.is_compiling():
+            # traced by torch.compile(opt.step): the torch-ops selection, which reads nothing
+            # back to the host (numpy, ``tolist`` and ``nonzero`` below would break the graph,
+            # and a value read back is a guard that changes with the data)
+            return TorchOps._select(self, chunk, keys, reduce) if keys.dtype == torch.int32 and hist0 is None else None
+        from . import cpu_split
+
+        if cpu_split.bracket_applies(chunk):
+            # tensors split over ranks: the collective bracket select; None (the bracket
+            # missed, known alike on every rank) runs the radix select below
+            return cpu_split.bracket_select(chunk, keys, reduce)
+        return None
 
     def select_local(self, chunk, keys) -> Optional[torch.Tensor]:
         units = [p for p in chunk.pieces if p.unit >= 0]
@@ -275,6 +292,8 @@ class CPU(TorchOps):
     def histogram(self, chunk, keys, prefix, p):
         """As TorchOps.histogram, per piece with ``bincount``; pass p > 0 only looks at the keys
         that matched the previous passes (kept from pass to pass: a few percent of them)."""
+        if torch.compiler.is_compiling():  # see select
+            return super().histogram(chunk, keys, prefix, p)
         nbits = torch.iinfo(keys.dtype).bits
         widths = radix_widths(nbits)
         nb = 1 << widths[p]
@@ -301,7 +320,8 @@ class CPU(TorchOps):
         return hist
 
     def tie_counts(self, chunk, keys, t_key):
-        # torch ops, not numpy: under torch.compile(opt.step) these run traced
+        if torch.compiler.is_compiling():  # see select
+            return super().tie_counts(chunk, keys, t_key)
         t = t_key.tolist()
         return torch.tensor(
             [int((keys[pc.offset: pc.offset + pc.length] == t[pc.unit]).sum()) if pc.unit >= 0 else 0 for pc in chunk.pieces],
@@ -309,6 +329,8 @@ class CPU(TorchOps):
         )
 
     def resolve_ties(self, chunk, keys, t_key, take):
+        if torch.compiler.is_compiling():  # see select
+            return super().resolve_ties(chunk, keys, t_key, take)
         t, take = t_key.tolist(), take.tolist()
         for pc, n in zip(chunk.pieces, take):
             if pc.unit < 0:

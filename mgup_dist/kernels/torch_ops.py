@@ -42,7 +42,7 @@ from .base import Backend, Bufs
 
 Tensor = torch.Tensor
 
-__all__ = ["TorchOps", "TopK", "NPU_OPS", "step_sizes"]
+__all__ = ["TorchOps", "TopK", "NPU_OPS", "step_sizes", "traced_lr"]
 
 #: ATen ops (overload packets) a step of this backend may issue on a device; see the module doc
 NPU_OPS = frozenset({
@@ -402,6 +402,7 @@ class TorchOps(Backend):
             if rule.matrix:
                 hp["matrix_hook"](chunk, [])  # the whole-matrix assembly is a collective: enter it
             return
+        hp = traced_lr(hp, scratch.device)
         keys = scratch.view(_ity(scratch))
         if isinstance(t_key, TopK):
             phi = self._phi_topk(hp, chunk, keys, t_key, denom, scratch.dtype)
@@ -437,12 +438,13 @@ class TorchOps(Backend):
             return False
         from ..rules import _neg
 
+        hp = traced_lr(hp, bufs.params[chunk.pieces[0].buf].device)
         fdt = torch.float64 if any(bufs.params[pc.buf].dtype == torch.float64 for pc in chunk.pieces) else torch.float32
         dev = bufs.params[chunk.pieces[0].buf].device
         u = torch.empty(chunk.numel, dtype=fdt, device=dev)
         s = torch.empty(chunk.numel, dtype=fdt, device=dev)
         g, st, p, us = self._views(chunk, bufs, u)
-        ss = [s[pc.offset: pc.offset + pc.length] for pc in chunk.pieces]
+        ss = _piece_slices(s, chunk)
         h = self._piece_hp(hp, chunk, bufs)
         if rule.moments is not None:
             self._run(rule.moments, g, st, h, None, None)
@@ -451,7 +453,7 @@ class TorchOps(Backend):
         torch._foreach_mul_(ss, _neg(g, hp))
         sel = (s >= 0) if t_const == 0 else (s > 0)
         phi = self._where(hp, chunk, sel, None, None, fdt)
-        del sel, s
+        del sel, s, ss  # (ss views s)
         steps = step_sizes(hp, h, chunk)
         phis = [phi[pc.offset: pc.offset + pc.length] for pc in chunk.pieces]
         if self.foreach:
@@ -464,8 +466,28 @@ class TorchOps(Backend):
         return True
 
 
+def _piece_slices(flat: Tensor, chunk) -> List[Tensor]:
+    """Per piece its view of the flat chunk buffer (a function: a comprehension in the caller
+    would make the buffer a closure cell, which dynamo cannot ``del``)."""
+    return [flat[pc.offset: pc.offset + pc.length] for pc in chunk.pieces]
+
+
 def _ity(scratch: Tensor) -> torch.dtype:
     return torch.int64 if scratch.dtype == torch.float64 else torch.int32
+
+
+def traced_lr(hp, device):
+    """``hp`` with a python-float lr made a 0-d float64 tensor while ``torch.compile`` traces
+    the step (unchanged otherwise).  Traced, a python float is a symbolic float: Python
+    arithmetic on it that ends in a scalar argument of an op (``1 - lr*wd`` of a foreach
+    multiply, ``value=-lr``) makes dynamo specialise it, a guard ``lr == value`` that a
+    scheduler breaks at every step (a recompile each).  ``ones * lr`` is a tensor op, which
+    dynamo keeps symbolic (the float is a graph input): every later use is tensor math, the
+    path a tensor lr takes in eager steps."""
+    lr = hp["lr"]
+    if isinstance(lr, Tensor) or not torch.compiler.is_compiling():
+        return hp
+    return dict(hp, lr=torch.ones((), dtype=torch.float64, device=device) * lr)
 
 
 def step_sizes(hp, h, chunk) -> list:
