@@ -1,7 +1,9 @@
 """Which collectives a select issues is decided by the plan alone: on 2 real gloo ranks, for
 every backend (plain torch ops, CPU, Triton through its interpreter), the sequence of
 all-reduces (shape, dtype) is the same on both ranks — one of which holds nothing of a split
-tensor — and the same for random scores, all-equal scores and NaN scores.  A backend's only
+tensor — for random scores, all-equal scores and NaN scores, and for the torch-ops and Triton
+backends the same for all three (the CPU's bracket select decides its later passes from
+values it has all-reduced: identical on every rank, not fixed by the plan).  A backend's only
 way to communicate is the ``reduce`` callable the pipeline hands it (``selection.chunk_reduce``)."""
 from importlib.util import find_spec
 
@@ -86,6 +88,10 @@ def test_every_rank_issues_the_same_collectives_whatever_it_holds():
     for name in names:
         seq = r0[name]
         assert seq["random"], f"{name}: the split tensors must be resolved with all-reduces"
-        assert seq["random"] == seq["equal"] == seq["nan"], (name, seq)
-        # per split chunk: at least one histogram pass, then the tie counts (a vector over all slots)
-        assert len(seq["random"]) >= 2 and seq["random"][-1][0][0] >= 2, (name, seq)
+        if name != "cpu":
+            assert seq["random"] == seq["equal"] == seq["nan"], (name, seq)
+        # the CPU's collective bracket select adds a pass or the tie count from values it has
+        # just all-reduced (the same on every rank, checked above), so its sequence may differ
+        # from one set of scores to another, never from one rank to another
+        if name != "cpu":  # per split chunk: histogram passes, then the tie counts (a vector over all slots)
+            assert len(seq["random"]) >= 2 and seq["random"][-1][0][0] >= 2, (name, seq)
