@@ -55,6 +55,7 @@ import torch
 
 from ..radix import KEY_NAN, radix_widths
 from . import cpu_ext
+from .bracket import COUNT_BLOCK, SAMPLE, _lower_ties, _sample_idx  # noqa: F401  (the bracket's pieces)
 from .torch_ops import TorchOps
 
 __all__ = ["CPU", "BLOCK_ELEMS"]
@@ -66,13 +67,6 @@ BLOCK_ELEMS = 1 << 20
 #: units up to this size are selected by ``partition`` on a copy (the bracket's sample
 #: would cost as much).
 SMALL_UNIT = 1 << 16
-#: largest sample of the bracket: the K-th key's sample rank has a standard deviation of
-#: sqrt(S p (1-p)) <= 64; +-4 of them leave ~3 % of the keys inside the bracket.  Units
-#: under 1M elements take n/64 samples (at least 1024: ~10 % inside the bracket), so that
-#: sorting the sample never costs more than the counting pass.
-SAMPLE = 1 << 14
-#: elements per task of the counting pass (4 MB of int32 keys: one task's passes stay in L2/L3)
-COUNT_BLOCK = 1 << 20
 
 
 def _ity(dtype: torch.dtype) -> torch.dtype:
@@ -548,19 +542,6 @@ def _update(params, us, phis, steps, hp) -> None:
 
 
 # ------------------------------------------------------------------------- selection
-_SAMPLES = {}
-
-
-def _sample_idx(n: int) -> np.ndarray:
-    """Fixed, sorted sample positions of a unit of n elements (they depend on n only: the
-    selection is deterministic)."""
-    idx = _SAMPLES.get(n)
-    if idx is None:
-        idx = np.sort(np.random.default_rng(n).integers(0, n, max(1024, min(SAMPLE, n >> 6))))
-        if len(_SAMPLES) > 256:
-            _SAMPLES.clear()
-        _SAMPLES[n] = idx
-    return idx
 
 
 def _kth_by_partition(a: np.ndarray, k: int):
@@ -638,18 +619,6 @@ def _select_units(jobs):
         if eq > k - above:
             _lower_ties(a, t, k - above)  # the first k - above ties at t are selected
     return [(unit, int(t)) for unit, a, k, t, above, eq in results]
-
-
-def _lower_ties(a: np.ndarray, t, need: int) -> None:
-    """The ties at t after the first ``need`` (lowest index) drop to t - 1."""
-    for i in range(0, a.size, COUNT_BLOCK):
-        blk = a[i: i + COUNT_BLOCK]
-        pos = np.flatnonzero(blk == t)
-        if need >= pos.size:
-            need -= pos.size
-            continue
-        blk[pos[need:]] -= 1
-        need = 0
 
 
 # ----------------------------------------------------------------------- the kernels

@@ -7,7 +7,7 @@ tensor (``cpu._select_units``) brackets the K-th key with a sample and counts on
 the keys, this does the same with the sums that ``reduce`` makes over the ranks:
 
 1. **sample** (one all-reduce of ``min(N, SAMPLE)`` keys per unit): the sample positions are
-   flat indices of the whole tensor, fixed by ``N`` (``cpu._sample_idx``, the positions a
+   flat indices of the whole tensor, fixed by ``N`` (``bracket._sample_idx``, the positions a
    single process uses); each rank writes the keys at the positions it holds, zeros
    elsewhere, and the sum is the sample of the whole tensor on every rank.  Sorted, it
    gives the bracket ``[lo, hi]`` of the K-th key (the sample rank of the K-th largest +- 4
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..radix import choose_digit, tie_cutoff, unit_tables
-from .cpu import COUNT_BLOCK, SAMPLE, _lower_ties, _sample_idx
+from .bracket import COUNT_BLOCK, SAMPLE, _lower_ties, _sample_idx
 
 __all__ = ["bracket_select", "bracket_applies", "RADIX_BITS"]
 
