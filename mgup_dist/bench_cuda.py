@@ -115,8 +115,9 @@ def _rows(graphs: bool, muon: bool = True) -> List[Tuple[str, Callable, bool]]:
     return rows
 
 
-def check_select(model: str, dtype: torch.dtype, device: str = "cuda") -> dict:
-    """The Triton select against the generic select on the keys of a real step (module doc)."""
+def check_select(model: str, dtype: torch.dtype, device: str = "cuda", backend: str = "auto") -> dict:
+    """The Triton select against the generic select on the keys of a real step (module doc).
+    ``backend``: the optimizer's (a backend that writes the keys: on the CPU, ``"torch"``)."""
     from . import selection
     from .kernels.torch_ops import TorchOps
     from .optim import MGUPAdamW
@@ -131,7 +132,7 @@ def check_select(model: str, dtype: torch.dtype, device: str = "cuda") -> dict:
         return t
 
     ps = _params(model, dtype, device)
-    opt = MGUPAdamW(ps, lr=1e-3)
+    opt = MGUPAdamW(ps, lr=1e-3, backend=backend)
     opt.step()  # the second step's scores: moments of two gradients
     selection.select = spy
     try:
