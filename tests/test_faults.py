@@ -631,6 +631,6 @@ def test_ranks_started_with_different_flags_are_refused_by_name(tmp_path):
     assert r.returncode != 0, r.stderr[-3000:]
     ours = r.stderr.split("Traceback")[0]        # what the ranks print, before torchrun's own failure report
     lines = [ln for ln in ours.splitlines() if "ranks disagree on their settings" in ln]
-    assert len(lines) == 2, r.stderr[-3000:]     # one line on each rank
+    assert len(lines) == 1, r.stderr[-3000:]     # once, by rank 0 (the other rank's line is the same)
     assert "--grad-clip: rank 0: 1.0, rank 1: 0.5" in lines[0] and "--seed: rank 0: 0, rank 1: 3" in lines[0]
     assert not (tmp_path / "r" / "checkpoints").exists()
