@@ -200,3 +200,25 @@ def lr_0d(lr):
 def optional_bool(name: str, value: Optional[bool]) -> None:
     if value not in (None, True, False):
         raise ValueError(f"{name} must be None (auto), True or False, got {value!r}")
+
+
+def constructor_kwargs(cls, exclude=("self", "params")) -> list:
+    """The keyword arguments ``cls``'s constructor takes, following ``**kwargs`` up the MRO
+    (``CMGUPAdamW(params, *args, mode="cautious", **kwargs)`` -> ``MGUPAdamW(...)``: the
+    union), in order, without ``exclude``."""
+    import inspect
+
+    keys: list = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        forwards = False
+        for name, p in inspect.signature(init).parameters.items():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                forwards = True
+            elif name not in exclude and name not in keys:
+                keys.append(name)
+        if not forwards:
+            break
+    return keys

@@ -44,7 +44,6 @@ Note: DeepSpeed 0.19's default ``gradient_clipping`` is 1.0, not 0.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import warnings
@@ -103,25 +102,12 @@ def _resolve_name(name: Optional[str]) -> Optional[str]:
 def accepted_params(name: str) -> Tuple[str, ...]:
     """The keys ``optimizer.params`` may carry for optimizer ``name``: the keyword
     arguments of its constructor (everything but the parameters themselves)."""
+    from ..options import constructor_kwargs
+
     cls = _optimizers()[_resolve_name(name) or name]
-    keys: List[str] = []
-    # Walk up the MRO while a constructor forwards **kwargs (CMGUPAdamW(params, *args,
-    # mode="cautious", **kwargs) -> MGUPAdamW(...)): the accepted keys are the union.
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        forwards = False
-        for pname, p in inspect.signature(init).parameters.items():
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                forwards = True
-                continue
-            # adamw_params takes tensors, which JSON cannot name (MGUPMuon's default rule,
-            # use_muon = 2-D, applies under a config)
-            if pname not in ("self", "params", "adamw_params") and pname not in keys:
-                keys.append(pname)
-        if not forwards:
-            break
+    # adamw_params takes tensors, which JSON cannot name (MGUPMuon's default rule, use_muon =
+    # 2-D, applies under a config)
+    keys = constructor_kwargs(cls, exclude=("self", "params", "adamw_params"))
     return tuple(keys)
 
 

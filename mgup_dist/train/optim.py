@@ -152,22 +152,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 def accepted_kwargs(cls) -> List[str]:
     """The keyword arguments ``cls``'s constructor takes (following ``**kwargs`` up the MRO)."""
-    import inspect
+    from mgup_dist.options import constructor_kwargs
 
-    keys: List[str] = []
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        forwards = False
-        for name, p in inspect.signature(init).parameters.items():
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                forwards = True
-            elif name not in ("self", "params") and name not in keys:
-                keys.append(name)
-        if not forwards:
-            break
-    return keys
+    return constructor_kwargs(cls)
 
 
 def check_opt_kwargs(optimizer: str, opt_kwargs: Dict) -> None:
