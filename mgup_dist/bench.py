@@ -45,7 +45,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["MODELS", "llama_shapes", "NaiveTopkMGUPAdamW", "TorchMuonAdamW", "run_bench", "format_table", "main"]
+__all__ = ["MODELS", "llama_shapes", "NaiveTopkMGUPAdamW", "run_bench", "format_table", "main"]
 
 
 # --------------------------------------------------------------------------- shapes
@@ -130,25 +130,6 @@ class NaiveTopkMGUPAdamW(torch.optim.Optimizer):
                 mask[idx] = group["alpha"]
                 p.add_(u * mask.view_as(u), alpha=-step_size)
         return loss
-
-
-class TorchMuonAdamW:
-    """``torch.optim.Muon`` on the matrices and ``torch.optim.AdamW(foreach=True)`` on the
-    other params, stepped together: the baseline of the ``MGUPMuon`` rows (the same split
-    of the params, Moonlight's ``0.2*sqrt(max(A, B))`` lr adjustment)."""
-
-    def __init__(self, matrices, rest, lr=2e-2, weight_decay=0.0, momentum=0.95, betas=(0.9, 0.95)):
-        self.opts = [torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
-                                      adjust_lr_fn="match_rms_adamw")]
-        if rest:
-            self.opts.append(torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay, foreach=True))
-        self.state = {k: v for o in self.opts for k, v in o.state.items()}
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for o in self.opts:
-            o.step()
-        self.state = {k: v for o in self.opts for k, v in o.state.items()}
 
 
 # ------------------------------------------------------------------------ timing
@@ -334,7 +315,11 @@ def run_bench(
         if muon and not muon_rows:  # the baseline first: torch.optim.Muon + AdamW on the same split
             matrices = [p for p in params if p.ndim == 2 and not any(p is q for q in adamw_only)]
             rest = [p for p in params if not any(p is q for q in matrices)]
-            muon_rows.append(("Muon+AdamW(torch)", None, lambda: TorchMuonAdamW(matrices, rest), False))
+            # the recipe's plain Muon: torch.optim.Muon on the matrices, AdamW(foreach) on the rest
+            from mgup_dist.train.optim import MuonWithAdamW
+
+            groups = [{"params": matrices, "use_muon": True}] + ([{"params": rest, "use_muon": False}] if rest else [])
+            muon_rows.append(("Muon+AdamW(torch)", None, lambda: MuonWithAdamW(groups), False))
         # Muon's matrices have no compiled path (compile=True only fuses its AdamW-fallback
         # params): one eager row unless compile rows alone were asked for.
         modes = [c for c in compile_modes if not (muon and c and False in compile_modes)]
