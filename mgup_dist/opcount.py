@@ -62,22 +62,32 @@ class OpCounter(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _count_triton(counter: Counter):
-    """Stub Triton's launcher: a launch is counted by kernel name and does not run."""
+    """Stub Triton's launchers: a launch is counted by kernel name and does not run.  Both the
+    compiled launcher and the interpreter's are stubbed: which one a kernel has was fixed when
+    its module was imported (``TRITON_INTERPRET``), and the count must not depend on it."""
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:  # no Triton: nothing to count
         yield
         return
-    orig = JITFunction.run
+    classes = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        classes.append(InterpretedFunction)
+    except ImportError:  # a Triton without an interpreter
+        pass
+    origs = [(c, c.run) for c in classes]
 
     def run(self, *args, **kwargs):
         counter["triton." + self.fn.__name__] += 1
 
-    JITFunction.run = run
+    for c in classes:
+        c.run = run
     try:
         yield
     finally:
-        JITFunction.run = orig
+        for c, orig in origs:
+            c.run = orig
 
 
 def model_params(model: str = "llama130m", split: int = 1, device: str = "meta",

@@ -12,8 +12,15 @@ kernel rounds ``addcmul`` as torch does on CUDA, ``fma(1-b2, g*g, v*b2)``; torch
 rounds ``(1-b2)*g*g`` first), keys and params within 4 ulps (torch's CPU ``sqrt`` is not
 correctly rounded; the kernel's ``sqrt_rn`` and torch on CUDA are)."""
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+# Triton fixes its mode when it is imported (and each kernel's when its module is): set the
+# interpreter only in a process that has not imported it yet.  Where an earlier test module
+# imported it compiled, this module's tests are skipped here and run in a fresh process
+# (``finish_module``); setting the variable now would leave this process's kernels
+# interpreted and ``triton.language`` compiled, which neither mode's tests can use.
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
