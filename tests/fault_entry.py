@@ -42,6 +42,8 @@ def _wrap(engine, cfg, kill, nan):
             with open(kill[2], "w") as f:
                 f.write(f"rank {rank}: signal {kill[3]} after step {steps_done}\n")
             sys.stdout.flush()
+            if kill[3] == signal.SIGSTOP:
+                _continue_when_terminated(os.getpid())
             os.kill(os.getpid(), kill[3])
         if nan is not None and nan[0] == rank and steps_done + 1 in nan[1]:
             engine._loss = lambda module, x: (lambda lc: (lc[0] * float("nan") if module.training else lc[0], lc[1]))(
@@ -54,6 +56,33 @@ def _wrap(engine, cfg, kill, nan):
 
     engine.load, engine.forward_backward = wrapped_load, wrapped_fb
     return engine
+
+
+_WATCH = """
+import os, signal, sys, time
+pid = int(sys.argv[1])
+while True:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            pending = dict(ln.split(":", 1) for ln in f if ":" in ln)
+    except OSError:
+        sys.exit(0)
+    if any(int(pending.get(k, "0"), 16) >> (signal.SIGTERM - 1) & 1 for k in ("SigPnd", "ShdPnd")):
+        os.kill(pid, signal.SIGCONT)
+        sys.exit(0)
+    time.sleep(0.2)
+"""
+
+
+def _continue_when_terminated(pid):
+    """A stopped process holds a SIGTERM pending until it is continued, so torchrun's agent,
+    which tears down the surviving ranks with SIGTERM, waits its full 30 s before SIGKILL.  A
+    watcher continues the stopped rank once a SIGTERM is pending for it: it then dies of that
+    SIGTERM at once.  Nothing changes before the launcher's teardown (the fault under test)."""
+    import subprocess
+
+    subprocess.Popen([sys.executable, "-c", _WATCH, str(pid)], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def parse_signal(text):
