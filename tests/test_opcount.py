@@ -90,7 +90,6 @@ def test_a_device_step_uses_only_the_documented_ops(cls, kw):
         opt.step()
     assert not rec.seen & (FORBIDDEN | {"boolean indexing"}), rec.seen & FORBIDDEN
     assert rec.seen <= NPU_OPS, sorted(rec.seen - NPU_OPS)
-    return rec.seen
 
 
 def test_opcounter_counts_foreach_ops_once():
