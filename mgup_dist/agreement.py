@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from .collectives import all_gather_object, world_size
+from .collectives import all_gather_object, all_reduce_max, world_size
 from .layout import Layout, local_of
 from .plan import collective_group
 
@@ -133,7 +133,7 @@ class StepAgreement:
                                     "little", signed=True) >> 1   # 63 bits: its negation fits
             buf = torch.tensor([digest, -digest, 0, 0], dtype=torch.int64)
             if "gloo" in str(dist.get_backend(pg)):
-                dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=pg)
+                all_reduce_max(buf, pg)
                 self._compare(cls_name, buf, values, pg)
                 continue
             # pinned both ways and an event: the host never waits on the stream's newer work
@@ -142,7 +142,7 @@ class StepAgreement:
                 # device lrs, read nowhere on the host: one int64 of their bits, weighted by group
                 bits = sum(lr.detach().to(torch.float64).view(torch.int64) * (2 * i + 1) for i, lr in dev_lrs)
                 buf[2:].copy_(torch.stack([bits, -bits]))
-            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=pg)
+            all_reduce_max(buf, pg)
             out = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
             out.copy_(buf, non_blocking=True)
             event = torch.get_device_module(device).Event()

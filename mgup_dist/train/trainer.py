@@ -632,11 +632,12 @@ def train(cfg) -> Dict:
 def _leave_together(timeout_s: float) -> None:
     """Wait until every rank is done with every collective before the group is torn down.
 
-    A barrier alone is not enough: the rank that finishes it first closed its connections
-    while another was still reading the barrier's last message (``terminate called without
-    an active exception``, SIGABRT, in about one run in six).  Arriving here means a rank
-    finished all its collectives, so a count of arrivals in the store is the safe point;
-    rank 0 (which may host the store) leaves last."""
+    Arriving here means a rank finished all its collectives, so a count of arrivals in the
+    store is the safe point; rank 0 (which may host the store) leaves last.  The waits sleep,
+    giving up the GIL: a gloo worker thread still releasing the tensors of a finished
+    collective needs it, and one left waiting for it when the interpreter finalizes aborts the
+    process (``terminate called without an active exception``; with a barrier and no wait,
+    about one run in six; see ``mgup_dist.collectives``)."""
     store = None
     try:
         store = dist.distributed_c10d._get_default_store()
