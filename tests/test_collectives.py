@@ -3,8 +3,8 @@
 A gloo collective's tensors are released by a worker thread of the group after ``wait()``
 has returned; without the hook a script that ends right after its last collective aborts in
 about one run of ten (``examples/fsdp2.py``: "terminate called without an active exception":
-Python ends the worker while it waits for the GIL during finalization).  The first collective on a
-gloo group registers one exit hook that gives up the GIL before finalization."""
+Python ends the worker while it waits for the GIL during finalization).  The first
+collective on a gloo group registers one exit hook that gives up the GIL before finalization."""
 import atexit
 
 import torch
